@@ -1,0 +1,116 @@
+"""The `dualselect` command: one verb per stage, each a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import DualSelectError
+
+VERBS = {
+    "train": "fine-tune with a method (sft, dualselect, ...) from a YAML config and key=value overrides",
+    "select": "score a task set against a reference pool with DualSelect and write the kept records",
+    "demo": "the embedded offline demo: align SmolLM2, then fine-tune it with SFT and with DualSelect",
+}
+
+
+def _config_parser(verb: str, description: str) -> argparse.ArgumentParser:
+    from .config import describe
+    from .data.named import NAMED_DATASETS
+    from .methods import method_configs
+
+    named = "\n".join(f"  {name:24s} {text}" for name, text in NAMED_DATASETS.items())
+    epilog = (
+        "Every option is a config key, set in the YAML file or as key=value on the command line\n"
+        "(later wins), e.g.  dualselect train run.yaml train.method=dualselect dualselect.k_task=4\n\n"
+        f"{describe(method_configs())}\n\n"
+        "Named datasets (data.task / data.reference), read from data.data_dir or $DUALSELECT_DATA_DIR:\n"
+        f"{named}\n  hf:OWNER/NAME[:SPLIT]    a Hugging Face dataset (needs `datasets` and a reachable hub)\n"
+    )
+    p = argparse.ArgumentParser(prog=f"dualselect {verb}", description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML run config (optional: defaults plus overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (same as train.quiet=true)")
+    return p
+
+
+def _load(args):
+    from .config import load_config
+    from .methods import method_configs
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides
+    if args.quiet:
+        overrides.append("train.quiet=true")
+    return load_config(config, overrides, method_configs())
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = _config_parser("train", VERBS["train"])
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in train.output_dir from its latest checkpoint (same config)")
+    args = p.parse_args(argv)
+    from .train import train
+
+    result = train(_load(args), resume=args.resume)
+    print(f"adapter: {result.adapter_dir}")
+    print(f"run dir: {result.run_dir}  ({result.steps} steps, {result.seconds:.0f} s, peak RSS "
+          f"{result.peak_rss_mb:.0f} MB)")
+    return 0
+
+
+def cmd_select(argv: list[str]) -> int:
+    p = _config_parser("select", VERBS["select"])
+    p.add_argument("--keep", type=float, default=0.5,
+                   help="fraction of the task set to keep, lowest scores first (default 0.5)")
+    args = p.parse_args(argv)
+    from .select import select
+
+    out = select(_load(args), keep=args.keep)
+    print(f"kept {out.n_kept} of {out.n_scored} task records -> {out.kept_path}")
+    print(f"scores: {out.scores_path}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dualselect demo", description=VERBS["demo"])
+    p.add_argument("--out", default="runs/demo", help="directory for data, adapters and logs (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    from .demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick, quiet=args.quiet)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "select": cmd_select, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: dualselect VERB [options]   (dualselect VERB --help explains every option)\n")
+        for verb, text in VERBS.items():
+            print(f"  {verb:8s} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown verb '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except DualSelectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (a run with checkpoints continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

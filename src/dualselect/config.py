@@ -1,0 +1,726 @@
+"""Run configuration: typed dataclasses, one YAML file per run, `section.key=value` overrides.
+
+Layout of a config file (every section and key optional; missing ones take their defaults)::
+
+    model: {name_or_path: smollm2-135m-instruct, lora_r: 16}
+    data:  {task: sst2:train, template: plain}
+    train: {method: dualselect, epochs: 2}
+    dualselect: {k_task: 4, rho: 0.2}   # options of the chosen method, in a section named after it
+
+The method sections are not defined here: callers pass the registry as
+``method_configs = {name: ConfigDataclass}`` (see ``dualselect.methods.method_configs``).
+Sections of registered methods other than ``train.method`` are accepted and ignored.
+
+Every problem raises :class:`~dualselect.errors.DualSelectError` with a one-line message naming
+where the value came from (the file, or the override) and the key path, e.g.
+``config.yaml: train.epochs must be an int, got 'two'``.
+
+Each dataclass field carries ``metadata={"help": ...}``; :func:`describe` turns them into the
+text of ``dualselect train --help``. A ``__post_init__`` may raise ``ValueError`` (or
+:class:`FieldError`, to name the offending key); loading turns it into a DualSelectError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dualselect.errors import DualSelectError
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "RunConfig",
+    "FieldError",
+    "CORE_SECTIONS",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "dump_yaml",
+    "describe",
+]
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and its help text."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+class FieldError(ValueError):
+    """Raised by a config's ``__post_init__`` to reject the value of one key.
+
+    ``FieldError("epochs", "must be >= 1, got 0")`` becomes
+    ``config.yaml: train.epochs must be >= 1, got 0`` when loaded.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key = key
+        self.message = message
+
+
+def _at_least(obj: Any, key: str, low: float, *, strict: bool = False, optional: bool = False) -> None:
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    bad = value <= low if strict else value < low
+    if bad:
+        raise FieldError(key, f"must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------------------------
+
+Precision = Literal["auto", "fp32", "bf16-autocast", "bf16"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "hh"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _opt(
+        "smollm2-135m-instruct",
+        "model to fine-tune: hub id, local directory, .gguf file, or the embedded name",
+    )
+    precision: Precision = _opt(
+        "auto",
+        "weights/compute precision: auto, fp32, bf16-autocast (fp32 weights, bf16 compute), bf16",
+    )
+    device: str = _opt("auto", "torch device (auto = cuda if available, else cpu)")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA scaling alpha")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_targets: list[str] = _opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+    init_adapter: str | None = _opt(
+        None, "start from this PEFT adapter directory instead of a fresh LoRA"
+    )
+
+    def __post_init__(self) -> None:
+        _at_least(self, "lora_r", 1)
+        _at_least(self, "lora_alpha", 0, strict=True)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise FieldError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.lora_targets:
+            raise FieldError("lora_targets", "must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    task: str | None = _opt(None, "task data: a file, a named dataset, or hf:NAME")
+    reference: str | None = _opt(
+        None, "reference (safety) pool: a file, a named dataset, or hf:NAME (used by DualSelect)"
+    )
+    data_dir: str | None = _opt(
+        None, "directory of named datasets (unset: $DUALSELECT_DATA_DIR)"
+    )
+    format: DataFormat = _opt("auto", "record format of the files (auto = detect)")
+    columns: dict[str, str] = _opt(
+        {}, "column mapping for CSV/TSV/JSON files, e.g. {prompt: question, response: answer}"
+    )
+    template: Literal["chat", "plain"] = _opt(
+        "chat", "chat = the model's chat template; plain = the authors' plain prompt format"
+    )
+    mask: Literal["response", "release"] = _opt(
+        "response",
+        "label mask: response = loss on the response tokens; release = the authors' off-by-one "
+        "mask (plain template only, for parity)",
+    )
+    max_length: int = _opt(256, "truncate examples to this many tokens")
+    task_limit: int | None = _opt(None, "use only the first N task examples")
+    reference_limit: int | None = _opt(None, "use only the first N reference examples")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_length", 8)
+        _at_least(self, "task_limit", 1, optional=True)
+        _at_least(self, "reference_limit", 1, optional=True)
+        if self.mask == "release" and self.template != "plain":
+            raise FieldError(
+                "mask",
+                f"'release' requires data.template 'plain' (the authors' off-by-one mask exists "
+                f"only for the plain template), got template {self.template!r}",
+            )
+
+
+@dataclass
+class TrainConfig:
+    method: str = _opt("sft", "training method (a registered name)")
+    epochs: int = _opt(1, "passes over the task data")
+    batch_size: int = _opt(8, "examples per mini-batch")
+    lr: float = _opt(2e-5, "AdamW learning rate (constant, no schedule)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value")
+    seed: int = _opt(0, "random seed (data order, LoRA init, dropout)")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps")
+    checkpoint_every: int = _opt(0, "save a checkpoint every N steps (0 = only the final state)")
+    log_every: int = _opt(1, "log metrics every N steps")
+    output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
+    grad_engine: str = _opt("loop", "how per-sample gradients are computed")
+    quiet: bool = _opt(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "epochs", 1)
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "lr", 0, strict=True)
+        _at_least(self, "weight_decay", 0)
+        _at_least(self, "max_grad_norm", 0, strict=True)
+        _at_least(self, "max_steps", 1, optional=True)
+        _at_least(self, "checkpoint_every", 0)
+        _at_least(self, "log_every", 1)
+        if not self.method:
+            raise FieldError("method", "must not be empty")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model and LoRA"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and formatting"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    method_args: Any = field(
+        default=None, metadata={"help": "the chosen method's own config dataclass"}
+    )
+
+    @property
+    def method(self) -> str:
+        return self.train.method
+
+
+CORE_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# --------------------------------------------------------------------------------------------
+# Checking values against the annotated types
+# --------------------------------------------------------------------------------------------
+
+
+class _Issue(Exception):
+    """A problem at a key path; turned into a DualSelectError once the source is known."""
+
+    def __init__(self, path: str, text: str, *, whole_section: bool = False):
+        super().__init__(text)
+        self.path = path
+        self.text = text
+        self.whole_section = whole_section  # raised by __post_init__, may involve several keys
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolvable string annotations: check what we can, accept the rest
+        return {f.name: (f.type if not isinstance(f.type, str) else Any) for f in fields(cls)}
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _noun(tp: Any) -> str:
+    """How a type reads in an error message ('an int', 'a list of strings', ...)."""
+    if tp is Any or tp is object:
+        return "anything"
+    if tp is bool:
+        return "a bool (true or false)"
+    if tp is int:
+        return "an int"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is type(None):
+        return "null"
+    if is_dataclass(tp):
+        return "a mapping"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if _is_union(tp):
+        parts = [_noun(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + " or null" if type(None) in args else text
+    if origin in (list, tuple, set, frozenset):
+        inner = [a for a in args if a is not Ellipsis]
+        if len(inner) == 1:
+            return f"a list of {_plural(inner[0])}"
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping" if not args else f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
+    return f"a {getattr(tp, '__name__', tp)}"
+
+
+def _plural(tp: Any) -> str:
+    simple = {int: "ints", float: "numbers", str: "strings", bool: "bools"}
+    return simple.get(tp, "values")
+
+
+def _short(tp: Any) -> str:
+    """How a type reads in describe(): 'int', 'str|null', 'hard|soft', 'list[str]'."""
+    if tp is Any or tp is object:
+        return "any"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return "mapping" if is_dataclass(tp) else tp.__name__
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if _is_union(tp):
+        return "|".join(_short(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join('...' if a is Ellipsis else _short(a) for a in args)}]"
+    return str(tp)
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against `tp`; return it (converted where harmless: int -> float, '1e-4' ->
+    float, a number -> str for string keys, a mapping -> nested dataclass)."""
+    if tp is Any or tp is object:
+        return value
+    if isinstance(tp, str):  # unresolved forward reference
+        return value
+    if is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise _Issue(path, f"{path} must be a mapping, got {_show(value)}")
+        return _build(tp, value, path)
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    if _is_union(tp):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Issue(path, f"{path} must be {_noun(tp)}, got null")
+        options = [a for a in args if a is not type(None)]
+        # exact type match first (so 3 stays an int in int|float), then lenient conversions
+        for option in options:
+            if isinstance(option, type) and type(value) is option:
+                return value
+        deeper: list[_Issue] = []
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except _Issue as issue:
+                if issue.path != path:
+                    deeper.append(issue)
+        if len(options) == 1 and deeper:
+            raise deeper[0]  # e.g. a bad item inside an Optional list: name the item
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+
+    if value is None:
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got null")
+
+    if origin is Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return value
+        text = f"{path} must be {_noun(tp)}, got {_show(value)}"
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(a) for a in args], n=1)
+            if close:
+                text += f" (did you mean {close[0]!r}?)"
+        raise _Issue(path, text)
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept plain numeric text
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+
+    if origin in (list, set, frozenset):
+        if not isinstance(value, (list, tuple)):
+            raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else origin(items)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise _Issue(path, f"{path} must be a list of {len(args)} items, got {_show(value)}")
+        kinds = args or (Any,) * len(value)
+        return tuple(_coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, kinds)))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+        kt, vt = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            key = _coerce(k, kt, f"{path} key {k!r}")
+            out[key] = _coerce(v, vt, f"{path}.{k}")
+        return out
+
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Issue(path, f"{path} must be {_noun(tp)}, got {_show(value)}")
+    return value  # a typing construct we do not check
+
+
+def _unknown(kind: str, path: str, name: str, known: list[str]) -> str:
+    text = f"unknown {kind} '{path}'"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        text += f" (did you mean '{close[0]}'?)"
+    return text + f"; known {kind}s: {', '.join(known) if known else '(none)'}"
+
+
+def _build(cls: type, data: Mapping, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        what = f"section '{prefix}'" if "." not in prefix and prefix else (prefix or "config")
+        raise _Issue(prefix, f"{what} must be a mapping, got {_show(data)}")
+    hints = _hints(cls)
+    init_fields = [f for f in fields(cls) if f.init]
+    names = [f.name for f in init_fields]
+    for key in data:
+        if not isinstance(key, str) or key not in names:
+            path = _join(prefix, str(key))
+            raise _Issue(path, _unknown("key", path, str(key), names))
+    kwargs = {}
+    for f in init_fields:
+        path = _join(prefix, f.name)
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints.get(f.name, Any), path)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise _Issue(path, f"missing required key '{path}'")
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        path = _join(prefix, e.key)
+        raise _Issue(path, f"{path} {e.message}", whole_section=True) from None
+    except ValueError as e:
+        raise _Issue(prefix, f"{prefix or cls.__name__}: {e}", whole_section=True) from None
+
+
+def from_dict(cls: type, data: Mapping, where: str, *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, checking keys and types recursively (nested
+    dataclasses, lists, dicts, Optional, Literal). `where` names the source in messages (a file
+    name, 'override ...'); `prefix` is the key path of `data` inside the whole config."""
+    try:
+        return _build(cls, data, prefix)
+    except _Issue as issue:
+        raise DualSelectError(f"{where}: {issue.text}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: file + overrides
+# --------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            duplicate = False
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        try:
+            seen[key] = True
+        except TypeError:
+            pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _yaml_error(label: str, err: yaml.YAMLError, what: str = "YAML") -> DualSelectError:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return DualSelectError(f"{label}: invalid {what}{where}: {problem}")
+
+
+def _read_file(path: str | Path) -> tuple[dict, str]:
+    p = Path(path)
+    label = str(path)
+    if not p.exists():
+        raise DualSelectError(f"config file '{label}' not found")
+    if not p.is_file():
+        raise DualSelectError(f"config file '{label}' is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DualSelectError(f"config file '{label}' cannot be read: {e}") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(label, e) from None
+    if raw is None:
+        return {}, label
+    if not isinstance(raw, dict):
+        raise DualSelectError(
+            f"{label}: the top level must be a mapping of sections (model, data, train, ...), "
+            f"got {type(raw).__name__} {_show(raw)}"
+        )
+    return raw, label
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if not isinstance(text, str) or "=" not in text:
+        raise DualSelectError(f"override {text!r} must look like key=value (e.g. train.lr=1e-4)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not _KEY.match(key):
+        raise DualSelectError(
+            f"override {text!r} must look like key=value with a dotted key (e.g. train.lr=1e-4)"
+        )
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"override {text!r}", e, what="YAML value") from None
+    return key.split("."), value
+
+
+def _apply_override(raw: dict, parts: list[str], value: Any, text: str) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise DualSelectError(
+                f"override {text!r}: '{where}' is {_show(child)}, not a mapping"
+            )
+        node = child
+    last = parts[-1]
+    if len(parts) == 1 and isinstance(node.get(last), dict) and isinstance(value, dict):
+        node[last] = _merge(node[last], value)  # a whole section: merge into what the file set
+    else:
+        node[last] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _check_registry(method_configs: Mapping[str, type]) -> None:
+    for name, cls in method_configs.items():
+        if name in CORE_SECTIONS:
+            raise ValueError(f"method name {name!r} clashes with the config section of that name")
+        if not (isinstance(cls, type) and is_dataclass(cls)):
+            raise TypeError(f"config of method {name!r} must be a dataclass type, got {cls!r}")
+
+
+def _section(raw: dict, name: str) -> Any:
+    value = raw.get(name)
+    return {} if value is None else value  # an empty section (`train:`) means all defaults
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    method_configs: Mapping[str, type] | None = None,
+) -> RunConfig:
+    """Read a run config: defaults <- YAML file (if `path`) <- `overrides` ("section.key=value",
+    values parsed as YAML). `method_configs` maps each registered method to its config dataclass;
+    the section named after `train.method` becomes `RunConfig.method_args`."""
+    method_configs = dict(method_configs or {})
+    _check_registry(method_configs)
+    if path is not None:
+        raw, label = _read_file(path)
+    else:
+        raw, label = {}, "config"
+
+    origins: dict[str, str] = {}  # key path -> the override that set it
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _apply_override(raw, parts, value, text)
+        dotted = ".".join(parts)
+        for other in [p for p in origins if p == dotted or p.startswith(dotted + ".")]:
+            del origins[other]
+        origins[dotted] = f"override {text!r}"
+
+    def source(issue: _Issue) -> str:
+        p = issue.path
+        for key, origin in origins.items():
+            if p == key or p.startswith(key + ".") or p.startswith(key + "["):
+                return origin
+        for key, origin in origins.items():  # the override created the key in question
+            if key.startswith(p + ".") and not issue.whole_section:
+                return origin
+        if issue.whole_section:
+            section = p.split(".")[0]
+            involved = [o for k, o in origins.items() if k == section or k.startswith(section + ".")]
+            if involved:
+                return f"{label} with {', '.join(involved)}"
+        return label
+
+    known = list(CORE_SECTIONS) + list(method_configs)
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in known:
+            issue = _Issue(str(key), _unknown("section", str(key), str(key), known))
+            raise DualSelectError(f"{source(issue)}: {issue.text}")
+
+    try:
+        parts = {name: _build(cls, _section(raw, name), name) for name, cls in CORE_SECTIONS.items()}
+        method = parts["train"].method
+        if method not in method_configs:
+            text = f"train.method {method!r} is not registered; known: " + (
+                ", ".join(method_configs) or "(none)"
+            )
+            close = difflib.get_close_matches(method, list(method_configs), n=1)
+            if close:
+                text += f" (did you mean {close[0]!r}?)"
+            raise _Issue("train.method", text)
+        method_args = _build(method_configs[method], _section(raw, method), method)
+    except _Issue as issue:
+        raise DualSelectError(f"{source(issue)}: {issue.text}") from None
+    return RunConfig(model=parts["model"], data=parts["data"], train=parts["train"],
+                     method_args=method_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and describing
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if f.init}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (YAML-ready); the method's options sit under the method's name."""
+    out = {name: _plain(getattr(cfg, name)) for name in CORE_SECTIONS}
+    if cfg.method_args is not None:
+        out[cfg.train.method] = _plain(cfg.method_args)
+    return out
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The config as YAML text; `load_config` of that text gives back an equal RunConfig."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_fmt(k)}: {_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    hints = _hints(cls)
+    rows = []
+    for f in fields(cls):
+        if not f.init:
+            continue
+        path = _join(prefix, f.name)
+        tp = hints.get(f.name, Any)
+        if isinstance(tp, type) and is_dataclass(tp):
+            rows.extend(_rows(tp, path))
+            continue
+        if f.default is not MISSING:
+            default = "default=" + _fmt(f.default)
+        elif f.default_factory is not MISSING:
+            default = "default=" + _fmt(f.default_factory())
+        else:
+            default = "required"
+        rows.append((path, _short(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def describe(method_configs: Mapping[str, type] | None = None) -> str:
+    """Help text for every config key, grouped by section:
+    ``section.key  TYPE  default=X  help``; method sections follow the core ones."""
+    method_configs = dict(method_configs or {})
+    sections: list[tuple[str, str, type]] = [
+        ("model", "model and LoRA adapter", ModelConfig),
+        ("data", "task and reference data", DataConfig),
+        ("train", "training loop", TrainConfig),
+    ]
+    for name, cls in method_configs.items():
+        sections.append((name, f"options of method '{name}', used when train.method={name}", cls))
+    lines = [
+        "Config keys: set them in the YAML file (section: {key: value}) or override them as "
+        "section.key=value.",
+    ]
+    for name, title, cls in sections:
+        rows = _rows(cls, name)
+        if name == "train" and method_configs:
+            rows = [
+                (k, t, d, h + f"; one of: {', '.join(method_configs)}" if k == "train.method" else h)
+                for k, t, d, h in rows
+            ]
+        lines.append("")
+        lines.append(f"{name}:  ({title})")
+        if not rows:
+            lines.append("  (no options)")
+            continue
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        w2 = max(len(r[2]) for r in rows)
+        for key, tp, default, help_text in rows:
+            lines.append(f"  {key:<{w0}}  {tp:<{w1}}  {default:<{w2}}  {help_text}".rstrip())
+    return "\n".join(lines) + "\n"

