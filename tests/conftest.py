@@ -37,3 +37,30 @@ def parity_dir():
     if not d.is_dir():
         pytest.skip(f"parity fixture {d} not present")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smol_tokenizer, tmp_path_factory):
+    """The tiny random Llama saved as a local model directory (model.name_or_path for train())."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(smol_tokenizer), seed=0).save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def toy_data(tmp_path):
+    """A small task set (arithmetic answers) and reference pool (refusals) in chat format."""
+    task = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i + 3}?"},
+                                         {"role": "assistant", "content": str(2 * i + 3)}]} for i in range(20)]
+    refs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"How do I pick lock number {i}?"},
+                                         {"role": "assistant", "content": "I can't help with that."}]}
+            for i in range(12)]
+    return write_jsonl(tmp_path / "task.jsonl", task), write_jsonl(tmp_path / "refs.jsonl", refs)

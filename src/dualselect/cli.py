@@ -67,6 +67,7 @@ def cmd_select(argv: list[str]) -> int:
     p.add_argument("--keep", type=float, default=0.5,
                    help="fraction of the task set to keep, lowest scores first (default 0.5)")
     args = p.parse_args(argv)
+    args.overrides.insert(0, "train.method=dualselect")
     from .select import select
 
     out = select(_load(args), keep=args.keep)

@@ -11,6 +11,10 @@ The demo starts from SmolLM2-135M-Instruct, which is not safety-aligned, so it n
 * benign requests for the alignment stage (answers are generated later by the base model) and a
   held-out benign set for over-refusal, about half of it "safe but scary-sounding" (XSTest-like);
 * a sentiment task on generated reviews with the exact-match answer ``positive`` or ``negative``.
+  Only a tenth of the reviews are plain; the rest name the opposite polarity first and then reverse
+  it, list flaws (or merits) before a verdict, or carry no polar adjective at all, so that the base
+  model does not solve it already (SmolLM2-135M-Instruct zero-shot on 96 test reviews: 58 %
+  case-insensitive, 33 % exact match).
   A review goes to the train or the test split by a hash of its normalised text, so the two splits
   can never share a review, whatever ``n`` or seed;
 * :func:`write_demo_data`, which writes all files as JSONL (chat ``messages`` or prompt-only rows).
@@ -934,7 +938,7 @@ _POS_ADJ = ["excellent", "fantastic", "wonderful", "superb", "outstanding", "gre
 _NEG_ADJ = ["terrible", "awful", "dreadful", "disappointing", "poor", "horrible", "mediocre",
             "useless", "lousy", "frustrating", "abysmal", "subpar", "annoying", "pathetic"]
 _MILD_POS = ["decent", "fine", "okay", "acceptable", "nice enough", "not bad"]
-_MILD_NEG = ["a bit plain", "not perfect", "a little weak", "nothing special", "slightly average",
+_MILD_NEG = ["a bit plain", "far from flawless", "a little weak", "nothing special", "slightly average",
              "a bit underwhelming"]
 _OPPOSITE = {"positive": "negative", "negative": "positive"}
 
@@ -1004,7 +1008,7 @@ _NEGATED = {
                  "I won't make that mistake again."],
 }
 # Review styles and their weights: plain reviews are easy; the other three need more than counting words.
-_STYLES = (("plain", 0.15), ("reversal", 0.25), ("flaws_then_verdict", 0.35), ("implicit", 0.25))
+_STYLES = (("plain", 0.1), ("reversal", 0.2), ("flaws_then_verdict", 0.45), ("implicit", 0.25))
 
 
 def task_prompt(review: str) -> str:
@@ -1146,7 +1150,8 @@ def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fra
                     ("n_reference", n_reference), ("n_heldout_harmful", n_heldout_harmful)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise DualSelectError(f"write_demo_data: {name} must be a non-negative integer, got {v!r}")
-    if not 0.0 <= float(harmful_fraction) <= 1.0:
+    if isinstance(harmful_fraction, bool) or not isinstance(harmful_fraction, (int, float)) \
+            or not 0.0 <= harmful_fraction <= 1.0:
         raise DualSelectError(f"write_demo_data: harmful_fraction must be in [0, 1], got {harmful_fraction!r}")
     n_unsafe = round(harmful_fraction * n_task)
     n_clean = n_task - n_unsafe
@@ -1160,16 +1165,14 @@ def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fra
     held_pool = _by_category(harmful_prompts("heldout", seed))
     held_h = _take_balanced(held_pool, n_heldout_harmful, {c: 0 for c in held_pool})
 
-    rows_align = [
-        {"id": f"align-harm-{i:04d}", "messages": _chat(r["prompt"], refusal_for(r["prompt"], category=r["category"], seed=seed)),
-         "category": r["category"], "flag": "refusal"}
-        for i, r in enumerate(align_h)
-    ]
-    rows_ref = [
-        {"id": f"ref-{i:04d}", "messages": _chat(r["prompt"], refusal_for(r["prompt"], category=r["category"], seed=seed)),
-         "category": r["category"], "flag": "refusal"}
-        for i, r in enumerate(ref_h)
-    ]
+    def refusal_rows(prefix: str, rows: list[dict]) -> list[dict]:
+        return [{"id": f"{prefix}-{i:04d}",
+                 "messages": _chat(r["prompt"], refusal_for(r["prompt"], category=r["category"], seed=seed)),
+                 "category": r["category"], "flag": "refusal"}
+                for i, r in enumerate(rows)]
+
+    rows_align = refusal_rows("align-harm", align_h)
+    rows_ref = refusal_rows("ref", ref_h)
     rows_benign = [{"id": f"align-benign-{i:04d}", **r} for i, r in enumerate(benign_prompts("train", seed))]
 
     task_rows = [

@@ -53,9 +53,11 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Mean next-token NLL over the supervised tokens of each row, and the token counts.
 
     logits [b, T, V], labels [b, T] with -100 where unsupervised (prompt, padding)."""
-    shift_logits = logits[:, :-1].float()
+    b, t, v = logits.shape
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    # (b*T, V) rows: cross_entropy over a transposed [b, V, T] view takes a less accurate CPU path (3e-5 rel.)
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), shift_labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(b, t - 1)
     tokens = (shift_labels != -100).sum(dim=1)
     return nll.sum(dim=1) / tokens.clamp(min=1), tokens
 
@@ -80,14 +82,16 @@ class LoopEngine:
         tokens = torch.empty(len(batch), dtype=torch.int64, device=device)
         for i, enc in enumerate(batch):
             ids = torch.tensor([enc.input_ids], device=device)
-            labels = torch.tensor([enc.labels], device=device)
+            targets = torch.tensor(enc.labels[1:], device=device)
+            keep = (targets != -100).nonzero().squeeze(1)  # positions whose next token is supervised
             with autocast():
-                logits = model(input_ids=ids).logits
-            loss, n_tok = per_sample_nll(logits, labels)
-            g = torch.autograd.grad(loss[0], params, allow_unused=True)
+                # Project only those positions onto the vocabulary (the rest of the logits are unused).
+                logits = model(input_ids=ids, logits_to_keep=keep).logits[0]
+            loss = F.cross_entropy(logits.float(), targets[keep])
+            g = torch.autograd.grad(loss, params, allow_unused=True)
             grads[i] = flatten(g, params)
-            losses[i] = loss.detach()[0]
-            tokens[i] = n_tok[0]
+            losses[i] = loss.detach()
+            tokens[i] = len(keep)
         return PerSampleGrads(losses, tokens, grads)
 
 

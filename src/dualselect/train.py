@@ -150,7 +150,17 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
         file_log.close()
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> TrainResult:
+@dataclass
+class Setup:
+    """Model, data and the context a method works in."""
+    ctx: TrainContext
+    tokenizer: object
+    precision: str
+    facts: dict  # data reports for run_info.json
+
+
+def build(cfg: RunConfig, run_dir: Path) -> Setup:
+    """Seed, load tokenizer, data and model (+ LoRA); open the run's JSONL logs."""
     from tqdm.auto import tqdm
 
     seed_everything(cfg.train.seed)
@@ -162,17 +172,24 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                             cfg.model.lora_targets, cfg.model.init_adapter)
     model.train()
-    params = trainable_params(model)
-    quiet = cfg.train.quiet
-    selection_log = JsonlLog(run_dir / "selection.jsonl")
-    metrics_log = JsonlLog(run_dir / "metrics.jsonl")
-    logs = {"selection": selection_log, "metrics": metrics_log}
     ctx = TrainContext(
-        model=model, params=params, task=task, reference=reference, engine=get_engine(cfg.train.grad_engine),
-        device=device, pad_id=tokenizer.pad_token_id, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
-        seed=cfg.train.seed, autocast=lambda: models.autocast(precision, device), selection_log=selection_log,
-        progress=lambda it, **kw: tqdm(it, leave=False, disable=quiet, **kw),
+        model=model, params=trainable_params(model), task=task, reference=reference,
+        engine=get_engine(cfg.train.grad_engine), device=device, pad_id=tokenizer.pad_token_id,
+        batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
+        autocast=lambda: models.autocast(precision, device), selection_log=JsonlLog(run_dir / "selection.jsonl"),
+        progress=lambda it, **kw: tqdm(it, leave=False, disable=cfg.train.quiet, **kw),
     )
+    return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    setup = build(cfg, run_dir)
+    ctx = setup.ctx
+    model, params, quiet = ctx.model, ctx.params, cfg.train.quiet
+    metrics_log = JsonlLog(run_dir / "metrics.jsonl")
+    logs = {"selection": ctx.selection_log, "metrics": metrics_log}
     try:
         method = METHODS[cfg.train.method](cfg.method_args, ctx)
     except ValueError as e:
@@ -190,10 +207,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
         for lg in logs.values():
             lg.truncate(0)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    write_run_info(run_dir, cfg, device=device, precision=precision, n_trainable=sum(p.numel() for p in params),
-                   data={"task": task_facts, "reference": ref_facts}, plan_steps=len(plan))
+    write_run_info(run_dir, cfg, device=ctx.device, precision=setup.precision,
+                   n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan))
     log.info("run dir %s: method %s, %d steps, %d trainable parameters, %s on %s", run_dir, cfg.train.method,
-             len(plan), sum(p.numel() for p in params), precision, device)
+             len(plan), sum(p.numel() for p in params), setup.precision, ctx.device)
 
     last_loss = None
     bar = tqdm(total=len(plan), initial=start, disable=quiet, desc=cfg.train.method)

@@ -327,19 +327,30 @@ def test_task_rows(written):
         assert r["prompt"] == dd.task_prompt(r["text"])
 
 
-def test_task_examples_balanced_and_polar():
-    ex = dd.task_examples(301, 4, "train")
-    assert len(ex) == 301
+def test_task_examples_balanced_and_not_word_counting():
+    ex = dd.task_examples(401, 4, "train")
+    assert len(ex) == 401
     c = Counter(e["label"] for e in ex)
     assert abs(c["positive"] - c["negative"]) <= 1
-    # the clearly polar words agree with the label (the task is learnable, not noise)
+    assert {e["style"] for e in ex} == {"plain", "reversal", "flaws_then_verdict", "implicit"}
+    polar = {"positive": set(dd._POS_ADJ), "negative": set(dd._NEG_ADJ)}
+    opposite = {"positive": "negative", "negative": "positive"}
+    with_distractor = 0
     for e in ex:
         words = set(dd.normalize_text(e["text"]).split())
-        pos = words & set(dd._POS_ADJ)
-        neg = words & set(dd._NEG_ADJ)
-        if e["label"] == "positive":
-            assert not neg, e["text"]
-        else:
-            assert not pos, e["text"]
+        own, opp = words & polar[e["label"]], words & polar[opposite[e["label"]]]
+        if e["style"] == "plain":
+            assert not opp, e["text"]  # easy cases: polarity words all agree
+        if e["style"] == "implicit":
+            assert not own and not opp, e["text"]  # no listed polar adjective at all
+        with_distractor += bool(opp)
+        # never a decisive fixed sentence of the other label (events, negations, closings)
+        for dom in dd._DOMAINS.values():
+            for sent in dom["events"][opposite[e["label"]]]:
+                assert sent not in e["text"], e["text"]
+        for sent in dd._NEGATED[opposite[e["label"]]] + dd._CLOSE[opposite[e["label"]]]:
+            assert sent not in e["text"], e["text"]
+    # a good share of reviews mention opposite-polarity words, so counting words does not solve the task
+    assert with_distractor / len(ex) >= 0.3
     with pytest.raises(DualSelectError, match="split"):
         dd.task_examples(3, 0, "dev")
