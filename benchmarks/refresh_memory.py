@@ -1,0 +1,200 @@
+"""Peak memory of one DualSelect reference refresh: running top-K against holding every gradient.
+
+  topk      DualSelect.refresh(1), the project's code path: scores references a chunk at a time
+            and keeps only the K_R best gradients (RunningTopK)
+  hold_all  the authors' release: the same N gradients, same engine, all kept in a list, then
+            scored and the top K_R averaged
+
+Each variant runs in a fresh subprocess (`--child VARIANT`), one after the other on the same
+machine, with the same allocator and the same inputs. In the child: load the model and build the
+TrainContext and DualSelect as train.build does, note the RSS (baseline), reset the peak-RSS mark
+(Linux /proc/self/clear_refs, so that the model load's own peak does not count), run the refresh,
+read ru_maxrss (peak). Prints a Markdown table next to N x P x 4 and K_R x P x 4 bytes.
+
+    python benchmarks/refresh_memory.py --tiny --n 200 --k 20     # tiny random Llama
+    python benchmarks/refresh_memory.py --json refresh.json        # embedded SmolLM2-135M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+MIB = 1024 * 1024
+VARIANTS = ("topk", "hold_all")
+
+
+def rss_mib() -> float | None:
+    """Current resident set size (Linux), MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak-RSS mark to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hold_all(method, k: int):
+    """The release's refresh: compute and keep all N reference gradients, then select."""
+    import torch
+
+    from dualselect.selection.dualselect import cosines, reference_scores, select_references, weighted_direction
+
+    cfg, refs = method.cfg, method.ctx.reference
+    chunks, losses = [], []
+    for start in range(0, len(refs), cfg.ref_chunk):
+        out = method._grads(refs[start:start + cfg.ref_chunk])  # same engine and model mode as refresh()
+        chunks.append(out.grads)  # kept: N x P floats in the end
+        losses.append(out.losses)
+    cos = torch.cat([cosines(g, method.d_t) for g in chunks])
+    sel = select_references(reference_scores(torch.cat(losses), cos, cfg.mu_ref, cfg.nu), k, cfg.mode, cfg.tau_ref)
+    rows = [row for g in chunks for row in g]
+    method.g_r = weighted_direction([rows[i] for i in sel.index], sel.weights)
+    return sel.index
+
+
+def child(args) -> dict:
+    """One variant, in this (fresh) process."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from grads_speed import load, machine_facts, random_samples
+
+    from dualselect import models
+    from dualselect.grads import get_engine, trainable_params
+    from dualselect.logs import JsonlLog
+    from dualselect.methods.context import TrainContext
+    from dualselect.methods.dualselect import DualSelect, DualSelectConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, precision, device = load(args.model, args.tiny, args.precision)
+    model = models.add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05,
+                            target_modules=args.lora_targets.split(","))
+    model.train()
+    response_len = max(1, args.ref_len // 4)
+    refs = random_samples(args.n, args.ref_len - response_len, response_len, model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = TrainContext(model=model, params=trainable_params(model), task=[], reference=refs,
+                           engine=get_engine("loop"), device=device, pad_id=tokenizer.pad_token_id, batch_size=8,
+                           epochs=1, seed=0, autocast=lambda: models.autocast(precision, device),
+                           selection_log=JsonlLog(Path(tmp) / "selection.jsonl"))
+        method = DualSelect(DualSelectConfig(k_ref=args.k), ctx)
+        n_params = sum(p.numel() for p in ctx.params)
+        method.d_t = torch.randn(n_params, generator=torch.Generator().manual_seed(0)).to(device)
+        torch.manual_seed(0)  # same LoRA-dropout masks in both variants
+
+        baseline, load_peak = rss_mib(), peak_mib()
+        was_reset = reset_peak()
+        t = time.perf_counter()
+        if args.child == "topk":
+            method.refresh(1)
+            with open(Path(tmp) / "selection.jsonl") as fh:
+                selected = json.loads(fh.readline())["index"]
+        else:
+            selected = hold_all(method, args.k)
+        wall = time.perf_counter() - t
+        peak = peak_mib()
+    return {"variant": args.child, "n_trainable_params": n_params, "precision": precision,
+            "baseline_rss_mib": baseline, "load_peak_rss_mib": load_peak, "peak_reset": was_reset,
+            "peak_rss_mib": peak, "increase_mib": peak - (baseline if baseline is not None else load_peak),
+            "wall_s": wall, "selected": selected, "g_r_norm": float(method.g_r.norm()),
+            "machine": machine_facts(device)}
+
+
+def run_variant(variant: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--model", args.model,
+           "--precision", args.precision, "--n", str(args.n), "--k", str(args.k), "--ref-len", str(args.ref_len),
+           "--lora-r", str(args.lora_r), "--lora-targets", args.lora_targets]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"{variant} subprocess failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(report: dict) -> str:
+    c, m = report["config"], report["machine"]
+    lines = [f"model {c['model']}, {c['precision']}, N={c['n']} references of {c['ref_len']} tokens, K_R={c['k']}, "
+             f"LoRA r={c['lora_r']} on {c['lora_targets']}, P={report['n_trainable_params']}",
+             f"N x P x 4 = {report['all_grads_mib']:.1f} MiB, K_R x P x 4 = {report['topk_grads_mib']:.1f} MiB", "",
+             "| variant | baseline RSS MiB | peak RSS MiB | increase MiB | gradients held MiB | wall s |",
+             "|---|---|---|---|---|---|"]
+    for name, r in report["variants"].items():
+        held = report["topk_grads_mib"] if name == "topk" else report["all_grads_mib"]
+        lines.append(f"| {name} | {r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['increase_mib']:.1f} | "
+                     f"{held:.1f} | {r['wall_s']:.2f} |")
+    lines += ["", f"same references selected by both: {report['same_selection']}; peak mark reset before the "
+              f"refresh: {all(r['peak_reset'] for r in report['variants'].values())}",
+              f"machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+              f"torch {m['torch']}, device {m['device']}, allocator {m['allocator']} "
+              f"(LD_PRELOAD={m['ld_preload'] or '-'})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model name or path (default: embedded SmolLM2)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random Llama with the SmolLM2 tokenizer")
+    ap.add_argument("--precision", default="auto", help="as model.precision (default auto)")
+    ap.add_argument("--n", type=int, default=1000, help="references scored")
+    ap.add_argument("--k", type=int, default=100, help="K_R, references kept")
+    ap.add_argument("--ref-len", type=int, default=48, help="tokens per reference (the last quarter supervised)")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", help="also write the report to this file")
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    variants = {v: run_variant(v, args) for v in VARIANTS}
+    n_params = variants["topk"]["n_trainable_params"]
+    report = {
+        "config": {"model": "tiny" if args.tiny else args.model, "precision": variants["topk"]["precision"],
+                   "n": args.n, "k": args.k, "ref_len": args.ref_len, "lora_r": args.lora_r,
+                   "lora_targets": args.lora_targets},
+        "machine": variants["topk"]["machine"],
+        "n_trainable_params": n_params,
+        "all_grads_mib": args.n * n_params * 4 / MIB,
+        "topk_grads_mib": min(args.k, args.n) * n_params * 4 / MIB,
+        "same_selection": variants["topk"]["selected"] == variants["hold_all"]["selected"],
+        "variants": variants,
+    }
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The embedded offline demo (`dualselect demo`): no network, no data directory.
+
+1. Write the project's own demo data (demo_data.py).
+2. Alignment stage: the embedded SmolLM2 is not safety-aligned, so it first gets LoRA SFT on harmful
+   requests -> refusals and benign requests -> its own answers; the adapter is merged and the
+   aligned model cached (keyed by data and settings), so later demos skip this stage.
+3. Fine-tune the aligned model on a task whose data holds some harmful -> compliance pairs, once
+   with plain SFT and once with DualSelect (reference pool: held-apart refusal examples).
+4. Print where the adapters are, the training losses and DualSelect's selection statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import models
+from .config import load_config
+from .demo_data import write_demo_data
+from .methods import method_configs
+from .train import train
+
+log = logging.getLogger("dualselect")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and recipes of each stage (`quick` shrinks them to a smoke test)."""
+    n_task: int = 320
+    harmful_fraction: float = 0.2
+    n_align_harmful: int = 160
+    n_reference: int = 96
+    benign_max_new_tokens: int = 64
+    align: list[str] = field(default_factory=lambda: [
+        "train.epochs=2", "train.lr=2e-4", "train.batch_size=8", "model.lora_targets=[q_proj,k_proj,v_proj,o_proj]"])
+    task: list[str] = field(default_factory=lambda: ["train.epochs=2", "train.lr=2e-4", "train.batch_size=8"])
+    dualselect: list[str] = field(default_factory=lambda: [
+        "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16,
+                   align=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8", "train.max_steps=2"],
+                   task=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8"],
+                   dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, quick: bool) -> Path:
+    """The base model's own answers to the benign alignment prompts (cached next to the data)."""
+    if out_path.exists():
+        return out_path
+    from .generation import generate
+
+    rows = _read_jsonl(prompts_path)
+    if quick:
+        rows = rows[:8]
+    tok = models.load_tokenizer(models.DEFAULT_MODEL)
+    model, precision, device = models.load_model(models.DEFAULT_MODEL)
+    log.info("generating the base model's answers to %d benign prompts", len(rows))
+    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, device=device,
+                       autocast=lambda: models.autocast(precision, device))
+    out = [{"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": a}], "flag": "benign"}
+           for r, a in zip(rows, answers) if a]
+    return _write_jsonl(out_path, out)
+
+
+def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, quiet: bool) -> Path:
+    """Alignment stage: LoRA SFT, merged into a cached model directory."""
+    benign = benign_answers(data["align_benign_prompts"], out / "data" / "align_benign.jsonl",
+                            settings.benign_max_new_tokens, quick=settings.n_task < 100)
+    mixed = _read_jsonl(data["align_harmful"]) + _read_jsonl(benign)
+    align_file = _write_jsonl(out / "data" / "align_train.jsonl", mixed)
+    key = hashlib.sha256(align_file.read_bytes() + json.dumps([settings.align, seed]).encode()).hexdigest()[:16]
+    merged = models.cache_dir() / "aligned" / f"{models.DEFAULT_MODEL}-{key}"
+    if (merged / "config.json").exists():
+        log.info("aligned model (cached): %s", merged)
+        return merged
+    run_dir = out / "align"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_config(None, [f"data.task={align_file}", f"train.output_dir={run_dir}", f"train.seed={seed}",
+                             f"train.quiet={str(quiet).lower()}", *settings.align], method_configs())
+    log.info("alignment stage: LoRA SFT on %d examples (harmful -> refusal, benign -> own answer)", len(mixed))
+    result = train(cfg)
+    _merge(result.adapter_dir, merged)
+    log.info("aligned model merged into %s", merged)
+    return merged
+
+
+def _merge(adapter_dir: Path, dest: Path) -> None:
+    from peft import PeftModel
+
+    model, _, _ = models.load_model(models.DEFAULT_MODEL, precision="fp32", device="cpu")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        merged.save_pretrained(tmp)
+        models.load_tokenizer(models.DEFAULT_MODEL).save_pretrained(tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def selection_stats(run_dir: Path, flags: dict[str, str]) -> dict:
+    """How often DualSelect kept the harmful task samples, against their share of the batches."""
+    seen, kept = Counter(), Counter()
+    for rec in _read_jsonl(run_dir / "selection.jsonl"):
+        if rec["kind"] == "step":
+            seen.update(flags.get(i, "?") for i in rec["candidates"]["ids"])
+            kept.update(flags.get(i, "?") for i in rec["ids"])
+    return {"unsafe_share_of_batches": seen["unsafe"] / max(1, sum(seen.values())),
+            "unsafe_share_of_kept": kept["unsafe"] / max(1, sum(kept.values())),
+            "kept": sum(kept.values()), "seen": sum(seen.values())}
+
+
+def _losses(run_dir: Path) -> tuple[float, float]:
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    k = max(1, len(rows) // 5)
+    first = sum(r["loss"] for r in rows[:k]) / k
+    last = sum(r["loss"] for r in rows[-k:]) / k
+    return first, last
+
+
+def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, quiet: bool = False) -> dict:
+    out = Path(out)
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    data = write_demo_data(out / "data", seed=seed, n_task=settings.n_task, harmful_fraction=settings.harmful_fraction,
+                           n_align_harmful=settings.n_align_harmful, n_reference=settings.n_reference)
+    aligned = align(data, out, settings, seed, quiet)
+    flags = {r["id"]: r.get("flag", "task") for r in _read_jsonl(data["task_train"])}
+    results = {}
+    for method in ("sft", "dualselect"):
+        run_dir = out / method
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        overrides = [f"model.name_or_path={aligned}", f"data.task={data['task_train']}",
+                     f"data.reference={data['reference']}", f"train.method={method}", f"train.output_dir={run_dir}",
+                     f"train.seed={seed}", f"train.quiet={str(quiet).lower()}", *settings.task]
+        if method == "dualselect":
+            overrides += settings.dualselect
+        log.info("task stage: %s", method)
+        res = train(load_config(None, overrides, method_configs()))
+        first, last = _losses(run_dir)
+        results[method] = {"adapter": str(res.adapter_dir), "steps": res.steps, "seconds": round(res.seconds),
+                           "loss_first": first, "loss_last": last}
+        if method == "dualselect":
+            results[method]["selection"] = selection_stats(run_dir, flags)
+
+    print(f"\naligned model: {aligned}")
+    print(f"{'method':12s} {'steps':>5s} {'seconds':>7s} {'loss first 20%':>15s} {'loss last 20%':>14s}  adapter")
+    for method, r in results.items():
+        print(f"{method:12s} {r['steps']:5d} {r['seconds']:7d} {r['loss_first']:15.4f} {r['loss_last']:14.4f}  "
+              f"{r['adapter']}")
+    s = results["dualselect"]["selection"]
+    print(f"DualSelect kept {s['kept']} of {s['seen']} task samples seen; harmful share: "
+          f"{s['unsafe_share_of_batches']:.1%} of the batches, {s['unsafe_share_of_kept']:.1%} of what it kept")
+    _write_jsonl(out / "summary.jsonl", [{"method": m, **r} for m, r in results.items()])
+    return results

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end on the tiny random model (tiny sizes, one torch thread)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(script, args, tmp_path):
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--tiny", "--threads", "1", "--json", str(out),
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| " in proc.stdout  # the Markdown table
+    return json.loads(out.read_text())
+
+
+def test_grads_speed_methods_agree(tmp_path):
+    report = _run("grads_speed", ["--precision", "fp32", "--batch", "2", "--prompt-len", "12", "--response-len", "4",
+                                  "--repeats", "1"], tmp_path)
+    assert set(report["results"]) == {"engine", "naive_full_logits", "batched_retain_graph"}
+    for r in report["results"].values():
+        assert r["median_s"] > 0 and r["min_s"] > 0 and r["ratio_to_engine"] > 0
+    assert report["results"]["engine"]["ratio_to_engine"] == 1.0
+    assert set(report["max_abs_diff_to_engine"]) == {"naive_full_logits", "batched_retain_graph"}
+    assert max(report["max_abs_diff_to_engine"].values()) < 1e-4
+    assert report["max_abs_grad"] > 1e-3  # the gradients compared are not all zero
+    for key in ("cpu_count", "torch_threads", "torch", "ld_preload", "allocator", "platform"):
+        assert key in report["machine"]
+    assert report["machine"]["torch_threads"] == 1
+
+
+def test_refresh_memory_topk_below_hold_all(tmp_path):
+    # LoRA r=256 on every projection of the tiny model: P = 524,288, 2 MiB per gradient, so holding
+    # 48 of them (96 MiB) stands out from the refresh's working memory.
+    report = _run("refresh_memory", ["--n", "48", "--k", "4", "--ref-len", "16", "--lora-r", "256", "--lora-targets",
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"], tmp_path)
+    p = report["n_trainable_params"]
+    assert p == 524288
+    assert report["all_grads_mib"] == 48 * p * 4 / 2**20
+    assert report["topk_grads_mib"] == 4 * p * 4 / 2**20
+    topk, hold = report["variants"]["topk"], report["variants"]["hold_all"]
+    for r in (topk, hold):
+        for key in ("baseline_rss_mib", "peak_rss_mib", "increase_mib", "wall_s", "peak_reset"):
+            assert key in r
+        assert r["peak_rss_mib"] >= r["baseline_rss_mib"]
+    assert report["same_selection"] and len(topk["selected"]) == 4
+    assert topk["increase_mib"] < hold["increase_mib"]
