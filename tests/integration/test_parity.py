@@ -81,7 +81,11 @@ def test_final_adapter(parity_run, parity_dir):
     want = load_file(str(parity_dir / "final_adapter" / "adapter_model.safetensors"))
     init = load_file(str(parity_dir / "init_adapter" / "adapter_model.safetensors"))
     assert set(got) == set(want)
-    moved = max(float((want[k] - init[k]).abs().max()) for k in want)
-    diff = max(float((got[k] - want[k]).abs().max()) for k in want)
-    assert moved > 1e-4  # training moved the weights ...
-    assert diff < 0.01 * moved  # ... and ours moved them to the same place
+    norm = lambda d: sum(float(v.double().norm()) ** 2 for v in d.values()) ** 0.5  # noqa: E731
+    moved = norm({k: want[k] - init[k] for k in want})
+    diff = norm({k: got[k] - want[k] for k in want})
+    assert moved > 1e-3  # training moved the weights ...
+    # ... and ours moved them to the same place: measured 0.1 % of the movement. Single elements can
+    # differ more (up to ~20 % of the largest step): where a gradient is ~0, Adam's normalised step
+    # amplifies the last-bit differences of summation order.
+    assert diff < 0.01 * moved
