@@ -43,7 +43,7 @@ def embedded_gguf(name: str) -> Path:
     raise DualSelectError(f"package {dist_name} is installed but holds no {file_name}")
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -47,8 +47,7 @@ def git_commit() -> str | None:
 
 def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: int, data: dict, plan_steps: int):
     """run_info.json: everything needed to tell two runs apart besides config.yaml."""
-    method_args = vars(cfg.method_args) if hasattr(cfg.method_args, "__dict__") else {}
-    kept = method_args.get("k_task") if cfg.train.method == "dualselect" else cfg.train.batch_size
+    kept = getattr(cfg.method_args, "k_task", 0)  # DualSelect keeps k_task of each batch (<= 0: all)
     info = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": package_versions(),
@@ -57,7 +56,7 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: i
                     "precision": precision, "allocator": allocator(), "torch_threads": _threads()},
         "seed": cfg.train.seed,
         "effective_batch_size": cfg.train.batch_size,  # per step: batch_size x 1 device x 1 accumulation step
-        "samples_kept_per_step": kept if (kept or 0) > 0 else cfg.train.batch_size,
+        "samples_kept_per_step": min(kept, cfg.train.batch_size) if kept > 0 else cfg.train.batch_size,
         "planned_steps": plan_steps,
         "n_trainable_params": n_trainable,
         "data": data,

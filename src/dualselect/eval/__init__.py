@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned models: judges of model outputs (refusal, harm) and the metrics built on them."""
