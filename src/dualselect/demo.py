@@ -33,7 +33,7 @@ log = logging.getLogger("dualselect")
 @dataclass
 class DemoSettings:
     """Sizes and recipes of each stage (`quick` shrinks them to a smoke test)."""
-    n_task: int = 320
+    n_task: int = 256
     harmful_fraction: float = 0.2
     n_align_harmful: int = 160
     n_reference: int = 96
