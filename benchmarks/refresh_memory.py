@@ -94,6 +94,7 @@ def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, precision, device = load(args.model, args.tiny, args.precision)
+    torch.manual_seed(0)  # the same LoRA initialisation in both variants
     model = models.add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05,
                             target_modules=args.lora_targets.split(","))
     model.train()
