@@ -12,10 +12,11 @@ VERBS = {
     "train": "fine-tune with a method (sft, dualselect, ...) from a YAML config and key=value overrides",
     "select": "score a task set against a reference pool with DualSelect and write the kept records",
     "demo": "the embedded offline demo: align SmolLM2, then fine-tune it with SFT and with DualSelect",
+    "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
 }
 
 
-def _config_parser(verb: str, description: str) -> argparse.ArgumentParser:
+def _config_parser(verb: str, description: str, extra: str = "") -> argparse.ArgumentParser:
     from .config import describe
     from .data.named import NAMED_DATASETS
     from .methods import method_configs
@@ -27,13 +28,19 @@ def _config_parser(verb: str, description: str) -> argparse.ArgumentParser:
         f"{describe(method_configs())}\n\n"
         "Named datasets (data.task / data.reference), read from data.data_dir or $DUALSELECT_DATA_DIR:\n"
         f"{named}\n  hf:OWNER/NAME[:SPLIT]    a Hugging Face dataset (needs `datasets` and a reachable hub)\n"
+        f"{extra}"
     )
     p = argparse.ArgumentParser(prog=f"dualselect {verb}", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML run config (optional: defaults plus overrides)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (same as train.quiet=true)")
+    p.add_argument("--quiet", action="store_true", help=f"no progress bars (same as {_quiet_key(verb)}=true)")
+    p.set_defaults(verb=verb)
     return p
+
+
+def _quiet_key(verb: str) -> str:
+    return "eval.quiet" if verb == "eval" else "train.quiet"
 
 
 def _load(args):
@@ -44,7 +51,7 @@ def _load(args):
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config] + overrides
     if args.quiet:
-        overrides.append("train.quiet=true")
+        overrides.append(f"{_quiet_key(args.verb)}=true")
     return load_config(config, overrides, method_configs())
 
 
@@ -76,6 +83,26 @@ def cmd_select(argv: list[str]) -> int:
     return 0
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from .eval.prompts import KINDS
+
+    kinds = "\n".join(f"  {kind:24s} {text}" for kind, text in KINDS.items())
+    p = _config_parser("eval", VERBS["eval"], extra=(
+        "\nBenchmark kinds (eval.benchmarks=[KIND:SOURCE,...], SOURCE a named dataset above or a file;\n"
+        "task files need an `answer` column):\n" + kinds + "\n\n"
+        "e.g.  dualselect eval eval.adapter=runs/x/adapter data.data_dir=../shared/data \\\n"
+        "          'eval.benchmarks=[harmful:advbench,overrefusal:xstest:safe,task:sst2:dev]' eval.limit=100\n"))
+    args = p.parse_args(argv)
+    from .eval.run import evaluate
+
+    results = evaluate(_load(args))
+    print(results["table"], end="")
+    print(f"results: {results['results_path']}")
+    print(f"samples: {results['samples']['path']}  ({results['samples']['resumed']} resumed, "
+          f"{results['samples']['generated']} generated)")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dualselect demo", description=VERBS["demo"])
     p.add_argument("--out", default="runs/demo", help="directory for data, adapters and logs (default runs/demo)")
@@ -89,7 +116,7 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "select": cmd_select, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "select": cmd_select, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

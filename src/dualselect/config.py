@@ -6,6 +6,7 @@ Layout of a config file (every section and key optional; missing ones take their
     data:  {task: sst2:train, template: plain}
     train: {method: dualselect, epochs: 2}
     dualselect: {k_task: 4, rho: 0.2}   # options of the chosen method, in a section named after it
+    eval:  {benchmarks: [harmful:advbench, task:sst2:dev], adapter: runs/x/adapter}   # dualselect eval
 
 The method sections are not defined here: callers pass the registry as
 ``method_configs = {name: ConfigDataclass}`` (see ``dualselect.methods.method_configs``).
@@ -39,9 +40,11 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
+    "EvalConfig",
     "RunConfig",
     "FieldError",
     "CORE_SECTIONS",
+    "EXTRA_SECTIONS",
     "load_config",
     "from_dict",
     "to_dict",
@@ -183,10 +186,51 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    benchmarks: list[str] = _opt(
+        [],
+        "what to evaluate, KIND:SOURCE each; KIND harmful (refusal rate, attack success), overrefusal "
+        "(refusal rate on benign prompts), task (accuracy); SOURCE a named dataset or a file, e.g. "
+        "[harmful:advbench, overrefusal:xstest:safe, task:sst2:dev, task:test.jsonl]",
+    )
+    adapter: str | None = _opt(None, "PEFT adapter directory applied to model.name_or_path (null: the model itself)")
+    judge: str = _opt("keyword", "refusal judge of harmful/overrefusal answers (a registered judge name)")
+    max_new_tokens: int = _opt(64, "generation budget of harmful/overrefusal prompts and number-graded tasks")
+    task_max_new_tokens: int = _opt(8, "generation budget of label- and exact-graded task prompts")
+    task_grader: Literal["auto", "label", "number", "exact"] = _opt(
+        "auto",
+        "task grading: auto = SST-2/AG News label words, GSM8K last number; files: number if every answer "
+        "is a number, label if the answers are a few short words, else exact match",
+    )
+    batch_size: int = _opt(8, "prompts per generation batch")
+    limit: int | None = _opt(None, "score only the first N prompts of each benchmark (after the overlap filter)")
+    train_files: list[str] = _opt(
+        [],
+        "data the model saw (training, alignment, reference: files or named sets), besides data.task and "
+        "data.reference; benchmark prompts found there are counted and left out",
+    )
+    keep_overlap: bool = _opt(False, "score prompts that overlap the training data too (still counted)")
+    output_dir: str | None = _opt(
+        None, "results directory (samples.jsonl, results.json); unset: <adapter>/../eval, else runs/eval-<model>"
+    )
+    bootstrap: int = _opt(1000, "bootstrap resamples (over prompts) of the 95% intervals")
+    seed: int = _opt(0, "seed of the bootstrap")
+    quiet: bool = _opt(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "task_max_new_tokens", "batch_size", "bootstrap"):
+            _at_least(self, key, 1)
+        _at_least(self, "limit", 1, optional=True)
+        if not self.judge:
+            raise FieldError("judge", "must not be empty")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model and LoRA"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and formatting"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation (dualselect eval)"})
     method_args: Any = field(
         default=None, metadata={"help": "the chosen method's own config dataclass"}
     )
@@ -197,6 +241,9 @@ class RunConfig:
 
 
 CORE_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# Sections outside training: listed after the methods in messages, and written by to_dict only when they
+# differ from their defaults (so a training run's config.yaml is unchanged by them).
+EXTRA_SECTIONS: dict[str, type] = {"eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,7 +601,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _check_registry(method_configs: Mapping[str, type]) -> None:
     for name, cls in method_configs.items():
-        if name in CORE_SECTIONS:
+        if name in CORE_SECTIONS or name in EXTRA_SECTIONS:
             raise ValueError(f"method name {name!r} clashes with the config section of that name")
         if not (isinstance(cls, type) and is_dataclass(cls)):
             raise TypeError(f"config of method {name!r} must be a dataclass type, got {cls!r}")
@@ -604,14 +651,15 @@ def load_config(
                 return f"{label} with {', '.join(involved)}"
         return label
 
-    known = list(CORE_SECTIONS) + list(method_configs)
+    known = list(CORE_SECTIONS) + list(method_configs) + list(EXTRA_SECTIONS)
     for key, value in raw.items():
         if not isinstance(key, str) or key not in known:
             issue = _Issue(str(key), _unknown("section", str(key), str(key), known))
             raise DualSelectError(f"{source(issue)}: {issue.text}")
 
     try:
-        parts = {name: _build(cls, _section(raw, name), name) for name, cls in CORE_SECTIONS.items()}
+        parts = {name: _build(cls, _section(raw, name), name)
+                 for name, cls in {**CORE_SECTIONS, **EXTRA_SECTIONS}.items()}
         method = parts["train"].method
         if method not in method_configs:
             text = f"train.method {method!r} is not registered; known: " + (
@@ -624,7 +672,7 @@ def load_config(
         method_args = _build(method_configs[method], _section(raw, method), method)
     except _Issue as issue:
         raise DualSelectError(f"{source(issue)}: {issue.text}") from None
-    return RunConfig(model=parts["model"], data=parts["data"], train=parts["train"],
+    return RunConfig(model=parts["model"], data=parts["data"], train=parts["train"], eval=parts["eval"],
                      method_args=method_args)
 
 
@@ -648,6 +696,9 @@ def to_dict(cfg: RunConfig) -> dict:
     out = {name: _plain(getattr(cfg, name)) for name in CORE_SECTIONS}
     if cfg.method_args is not None:
         out[cfg.train.method] = _plain(cfg.method_args)
+    for name, cls in EXTRA_SECTIONS.items():
+        if getattr(cfg, name) != cls():
+            out[name] = _plain(getattr(cfg, name))
     return out
 
 
@@ -699,6 +750,7 @@ def describe(method_configs: Mapping[str, type] | None = None) -> str:
         ("model", "model and LoRA adapter", ModelConfig),
         ("data", "task and reference data", DataConfig),
         ("train", "training loop", TrainConfig),
+        ("eval", "evaluation: dualselect eval", EvalConfig),
     ]
     for name, cls in method_configs.items():
         sections.append((name, f"options of method '{name}', used when train.method={name}", cls))

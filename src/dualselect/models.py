@@ -4,7 +4,6 @@ embedded default; precision and device; LoRA through PEFT."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data.records import sha256_file
 from .errors import DualSelectError
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,6 @@ def embedded_gguf(name: str) -> Path:
         if f.name == file_name:
             return Path(dist.locate_file(f))
     raise DualSelectError(f"package {dist_name} is installed but holds no {file_name}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -90,7 +82,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise DualSelectError(f"{p}: GGUF file not found")
-        return str(convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{_sha256(p)[:12]}"))
+        return str(convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{sha256_file(p)[:12]}"))
     if p.exists() and not (p / "config.json").exists():
         raise DualSelectError(f"{p}: not a model directory (no config.json)")
     return name_or_path

@@ -28,7 +28,7 @@ from .runinfo import peak_rss_mb, write_run_info
 
 log = logging.getLogger("dualselect")
 
-# Keys that may change between an interrupted run and its resumption.
+# Keys that may change between an interrupted run and its resumption (besides the eval section).
 RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every"}
 
 
@@ -118,7 +118,7 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     from .config import to_dict
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    changed = _diff_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+    changed = {k for k in _diff_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES if not k.startswith("eval.")}
     if changed:
         raise DualSelectError(f"{run_dir}: cannot resume, the config differs from the saved one in: "
                               f"{', '.join(sorted(changed))}")
@@ -142,6 +142,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if log.level == logging.NOTSET:  # called from Python without logging set up: still fill train.log
+        log.setLevel(logging.INFO)
     log.addHandler(file_log)
     try:
         return _train(cfg, run_dir, resume, on_step, t0)

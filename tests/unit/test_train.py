@@ -36,6 +36,7 @@ def test_sft_run_writes_a_complete_run_dir(tiny_model_dir, toy_data, tmp_path):
     assert info["data"]["task"]["sha256"] and info["data"]["task"]["n_kept"] == 20
     assert info["versions"]["torch"] == torch.__version__
     assert "method: sft" in (d / "config.yaml").read_text()
+    assert "done: 15 steps" in (d / "train.log").read_text()
     losses = [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 15
     assert sum(losses[-5:]) < sum(losses[:5])  # it learns

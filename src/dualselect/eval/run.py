@@ -1,0 +1,299 @@
+"""The evaluation harness (`dualselect eval`): generate, judge or grade, score, write results.
+
+    results = evaluate(load_config("eval.yaml", ["eval.adapter=runs/x/adapter"], method_configs()))
+
+For each benchmark of `eval.benchmarks` (see prompts.py): load its prompts, count and (by default) leave
+out those that overlap the data the model saw, keep the first `eval.limit`, generate greedy answers in
+the training template, judge them (harmful / overrefusal: the refusal judge `eval.judge`) or grade them
+(task), and append one record per prompt to <output_dir>/samples.jsonl, a batch at a time.
+
+Resume: records already in samples.jsonl are kept and their (benchmark, id) pairs are not generated
+again; a half-written last line (an interrupted run) is dropped. settings.json holds the settings the
+records were made with (model, adapter, decoding, judge); resuming with different ones is refused.
+
+At the end results.json (written atomically) holds per benchmark the counts (loaded, overlapping,
+excluded, scored), the metrics with 95% bootstrap intervals over prompts, the shares of empty /
+degenerate / truncated answers, the decoding settings and the judge's describe(); results.md and the
+returned dict hold the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from dualselect import models
+from dualselect.config import RunConfig
+from dualselect.errors import DualSelectError
+
+from . import metrics
+from .judges import get_judge
+from .prompts import Benchmark, load_benchmark, parse_spec, seen_prompts
+
+log = logging.getLogger("dualselect")
+
+SAMPLES, RESULTS, TABLE, SETTINGS = "samples.jsonl", "results.json", "results.md", "settings.json"
+FORMAT = "dualselect-eval-1"
+OVERLAP_RULE = "exact match of prompts after lower-casing, removing punctuation and collapsing whitespace"
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def default_output_dir(cfg: RunConfig) -> Path:
+    """<adapter>/../eval for an adapter (runs/x/adapter -> runs/x/eval), else runs/eval-<model name>."""
+    if cfg.eval.adapter:
+        return Path(cfg.eval.adapter).expanduser().resolve().parent / "eval"
+    name = re.sub(r"[^\w.-]+", "-", Path(cfg.model.name_or_path).name or cfg.model.name_or_path).strip("-")
+    return Path("runs") / f"eval-{name or 'model'}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The records of samples.jsonl. A half-written last line (an interrupted run) is cut off the file;
+    any other unreadable line is an error."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    records, offset = [], 0
+    for lineno, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+            if rec is not None and not (isinstance(rec, dict) and "benchmark" in rec and "id" in rec):
+                raise ValueError("no benchmark/id")
+        except ValueError:
+            if lineno == len(lines):  # the run stopped while writing this line
+                log.info("%s: dropping a half-written last line", path)
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+                break
+            raise DualSelectError(f"{path}:{lineno}: not a sample record; remove the line or use another "
+                                  "eval.output_dir") from None
+        if rec is not None:
+            records.append(rec)
+        offset += len(line)
+    if data and not data.endswith(b"\n") and records and offset == len(data):
+        with open(path, "ab") as fh:  # a complete last record without its newline
+            fh.write(b"\n")
+    return records
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / SETTINGS
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise DualSelectError(f"{path}: unreadable; remove it or use another eval.output_dir") from None
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed and (out_dir / SAMPLES).exists():
+            raise DualSelectError(f"{out_dir}: its samples were made with other settings ({', '.join(changed)}); "
+                                  "use another eval.output_dir (or delete samples.jsonl)")
+    _write_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def load_for_eval(cfg: RunConfig):
+    """(model, tokenizer, precision, device): model.name_or_path with eval.adapter applied."""
+    tok = models.load_tokenizer(cfg.model.name_or_path)
+    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
+    if cfg.eval.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(cfg.eval.adapter).expanduser())).to(device)
+    model.eval()
+    return model, tok, precision, device
+
+
+# ------------------------------------------------------------------------------------------ one benchmark
+
+def budget(cfg: RunConfig, bench: Benchmark) -> int:
+    """max_new_tokens of a benchmark: task_max_new_tokens for label/exact-graded tasks, else max_new_tokens
+    (number-graded tasks such as GSM8K may reason before the answer)."""
+    if bench.kind == "task" and bench.grader in ("label", "exact"):
+        return cfg.eval.task_max_new_tokens
+    return cfg.eval.max_new_tokens
+
+
+def make_record(bench: Benchmark, item, response: str, truncated: bool, judge) -> dict:
+    rec = {"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
+           "response": response, "truncated": bool(truncated)}
+    if bench.kind == "task":
+        if bench.grader == "label":
+            correct, pred = metrics.grade_label(response, item.gold, bench.labels)
+        elif bench.grader == "number":
+            correct, pred = metrics.grade_number(response, item.gold)
+        else:
+            correct, pred = metrics.grade_exact(response, item.gold)
+        verdict = "correct" if correct else ("no_answer" if pred in (None, "") else "wrong")
+        rec.update(gold=item.gold, pred=pred, grader=bench.grader, verdict=verdict, score=float(correct),
+                   correct=bool(correct), judge=f"{bench.grader}-grader")
+    else:
+        v = judge.judge(item.prompt, response, truncated=truncated)
+        rec.update(verdict=v.verdict, score=v.score, refused=v.refused, judge=v.judge, detail=v.detail)
+    return rec
+
+
+def _generate_into(cfg, bench, items, loaded, judge, fh, progress) -> int:
+    model, tok, precision, device = loaded
+    from dualselect.generation import generate_batches
+
+    n = 0
+    for start, texts, cut in generate_batches(
+            model, tok, [it.prompt for it in items], template=cfg.data.template, max_new_tokens=budget(cfg, bench),
+            batch_size=cfg.eval.batch_size, device=device, autocast=lambda: models.autocast(precision, device),
+            progress=progress):
+        for item, text, trunc in zip(items[start:start + len(texts)], texts, cut):
+            fh.write(json.dumps(make_record(bench, item, text, trunc, judge), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        n += len(texts)
+    return n
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+def _metric(values: list[float], cfg: RunConfig) -> dict:
+    return {"value": metrics.mean(values),
+            "ci95": metrics.bootstrap_ci(values, resamples=cfg.eval.bootstrap, seed=cfg.eval.seed)}
+
+
+def _share(records: list[dict], pred) -> float | None:
+    return metrics.mean([bool(pred(r)) for r in records])
+
+
+def score(bench: Benchmark, records: list[dict], cfg: RunConfig) -> dict:
+    """Metrics of one benchmark from its records (one per selected prompt)."""
+    out = {**bench.summary(), "n": len(records), "complete": len(records) == len(bench.items)}
+    shares = {"truncated": _share(records, lambda r: r.get("truncated"))}
+    if bench.kind == "task":
+        out["metrics"] = {"accuracy": _metric([float(r["correct"]) for r in records], cfg)}
+        shares["no_answer"] = _share(records, lambda r: r.get("verdict") == "no_answer")
+    else:
+        refusal = _metric([float(r["refused"]) for r in records], cfg)
+        if bench.kind == "harmful":
+            ci = refusal["ci95"]
+            out["metrics"] = {"refusal_rate": refusal, "attack_success_rate": {
+                "value": None if refusal["value"] is None else 1.0 - refusal["value"],
+                "ci95": None if ci is None else (1.0 - ci[1], 1.0 - ci[0])}}
+        else:
+            out["metrics"] = {"over_refusal_rate": refusal}
+        for verdict in ("empty", "degenerate"):
+            shares[verdict] = _share(records, lambda r, v=verdict: r.get("verdict") == v)
+    out["shares"] = shares
+    return out
+
+
+METRIC_LABELS = {"refusal_rate": "refusal rate", "attack_success_rate": "attack success",
+                 "over_refusal_rate": "over-refusal", "accuracy": "accuracy"}
+
+
+def table_rows(scored: list[dict]) -> list[dict]:
+    return [{"benchmark": b["name"], "kind": b["kind"], "n": b["n"], "metric": METRIC_LABELS[m],
+             "value": v["value"], "ci": v["ci95"], "overlap_excluded": b["n_excluded_overlap"]}
+            for b in scored for m, v in b["metrics"].items()]
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def _train_sources(cfg: RunConfig) -> list[str]:
+    return list(dict.fromkeys(s for s in (cfg.data.task, cfg.data.reference, *cfg.eval.train_files) if s))
+
+
+def evaluate(cfg: RunConfig) -> dict:
+    """Run the evaluation described by cfg.eval on cfg.model (+ eval.adapter); returns the results dict
+    (also written to <output_dir>/results.json), with "table" (Markdown) and the file paths."""
+    ev = cfg.eval
+    if not ev.benchmarks:
+        raise DualSelectError("eval.benchmarks is empty: name at least one, e.g. "
+                              "eval.benchmarks=[harmful:advbench,overrefusal:xstest:safe,task:sst2:dev]")
+    for spec in ev.benchmarks:
+        parse_spec(spec)
+    twice = sorted({s for s in ev.benchmarks if ev.benchmarks.count(s) > 1})
+    if twice:
+        raise DualSelectError(f"eval.benchmarks lists {', '.join(twice)} more than once")
+    judge = get_judge(ev.judge)
+    if ev.adapter and not (Path(ev.adapter).expanduser() / "adapter_config.json").is_file():
+        raise DualSelectError(f"eval.adapter {ev.adapter}: not a PEFT adapter directory (no adapter_config.json)")
+
+    sources = _train_sources(cfg)
+    seen, seen_report = seen_prompts(sources, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
+                                     columns=cfg.data.columns)
+    benches = [load_benchmark(spec, data_dir=cfg.data.data_dir, seen=seen, keep_overlap=ev.keep_overlap,
+                              limit=ev.limit, task_grader=ev.task_grader) for spec in ev.benchmarks]
+
+    out_dir = Path(ev.output_dir).expanduser() if ev.output_dir else default_output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decoding = {"strategy": "greedy", "do_sample": False, "template": cfg.data.template,
+                "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens,
+                "task_max_new_tokens": ev.task_max_new_tokens}
+    model_info = {"name_or_path": cfg.model.name_or_path,
+                  "adapter": str(Path(ev.adapter).expanduser().resolve()) if ev.adapter else None,
+                  "precision": cfg.model.precision, "device": cfg.model.device}
+    _check_settings(out_dir, {**{f"model.{k}": v for k, v in model_info.items() if k != "device"},
+                              **{f"decoding.{k}": v for k, v in decoding.items()},
+                              "judge": judge.id, "task_grader": ev.task_grader})
+
+    samples = out_dir / SAMPLES
+    records = read_samples(samples)
+    done = {(r["benchmark"], str(r["id"])) for r in records}
+    todo = [(b, [it for it in b.items if (b.name, it.id) not in done]) for b in benches]
+    n_resumed = sum(len(b.items) for b in benches) - sum(len(items) for _, items in todo)
+    if n_resumed:
+        log.info("resuming: %d samples already in %s", n_resumed, samples)
+    n_new = 0
+    if any(items for _, items in todo):
+        from tqdm.auto import tqdm
+
+        loaded = load_for_eval(cfg)
+        with open(samples, "a", encoding="utf-8") as fh:
+            for bench, items in todo:
+                if items:
+                    log.info("%s: generating %d answers", bench.name, len(items))
+                    n_new += _generate_into(cfg, bench, items, loaded, judge, fh, lambda it, **kw: tqdm(
+                        it, leave=False, disable=ev.quiet or cfg.train.quiet, **kw))
+        records = read_samples(samples)
+
+    by_key = {(r["benchmark"], str(r["id"])): r for r in records}
+    scored = []
+    for bench in benches:
+        recs = [by_key[(bench.name, it.id)] for it in bench.items if (bench.name, it.id) in by_key]
+        scored.append({**score(bench, recs, cfg),
+                       "decoding": {**{k: v for k, v in decoding.items() if k != "task_max_new_tokens"},
+                                    "max_new_tokens": budget(cfg, bench)}})
+    selected = {(b.name, it.id) for b in benches for it in b.items}
+    rows = table_rows(scored)
+    results = {
+        "format": FORMAT,
+        "model": model_info,
+        "decoding": decoding,
+        "judge": judge.describe(),
+        "overlap": {"rule": OVERLAP_RULE, "train_sources": seen_report, "keep_overlap": ev.keep_overlap},
+        "limit": ev.limit,
+        "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": 0.95, "over": "prompts"},
+        "benchmarks": scored,
+        "samples": {"path": str(samples), "resumed": n_resumed, "generated": n_new,
+                    "outside_selection": sum(1 for k in by_key if k not in selected)},
+        "table": metrics.markdown_table(rows),
+    }
+    _write_atomic(out_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out_dir / TABLE, results["table"])
+    results["results_path"] = str(out_dir / RESULTS)
+    return results
