@@ -37,6 +37,11 @@ def machine_facts(device: torch.device) -> dict:
             "device": str(device)}
 
 
+def machine_line(m: dict) -> str:
+    return (f"machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+            f"torch {m['torch']}, device {m['device']}, allocator {m['allocator']} (LD_PRELOAD={m['ld_preload'] or '-'})")
+
+
 def load(model_name: str, tiny: bool, precision: str, device: str = "auto"):
     """(model, tokenizer, resolved precision, device): the tiny random Llama or a real model."""
     tokenizer = models.load_tokenizer(models.DEFAULT_MODEL if tiny else model_name)
@@ -143,9 +148,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['ratio_to_engine']:.2f} | "
                      f"{'-' if diff is None else f'{diff:.2e}'} |")
     lines += ["", f"largest |gradient| {report['max_abs_grad']:.3e}",
-              f"machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
-              f"torch {m['torch']}, device {m['device']}, allocator {m['allocator']} "
-              f"(LD_PRELOAD={m['ld_preload'] or '-'})"]
+              machine_line(m)]
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ def hold_all(method, k: int):
     cfg, refs = method.cfg, method.ctx.reference
     chunks, losses = [], []
     for start in range(0, len(refs), cfg.ref_chunk):
-        out = method._grads(refs[start:start + cfg.ref_chunk])  # same engine and model mode as refresh()
+        out = method.per_sample_grads(refs[start:start + cfg.ref_chunk])  # same engine and model mode as refresh()
         chunks.append(out.grads)  # kept: N x P floats in the end
         losses.append(out.losses)
     cos = torch.cat([cosines(g, method.d_t) for g in chunks])
@@ -142,6 +142,8 @@ def run_variant(variant: str, args) -> dict:
 
 
 def markdown(report: dict) -> str:
+    from grads_speed import machine_line  # this script's folder is on sys.path
+
     c, m = report["config"], report["machine"]
     lines = [f"model {c['model']}, {c['precision']}, N={c['n']} references of {c['ref_len']} tokens, K_R={c['k']}, "
              f"LoRA r={c['lora_r']} on {c['lora_targets']}, P={report['n_trainable_params']}",
@@ -154,9 +156,7 @@ def markdown(report: dict) -> str:
                      f"{held:.1f} | {r['wall_s']:.2f} |")
     lines += ["", f"same references selected by both: {report['same_selection']}; peak mark reset before the "
               f"refresh: {all(r['peak_reset'] for r in report['variants'].values())}",
-              f"machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
-              f"torch {m['torch']}, device {m['device']}, allocator {m['allocator']} "
-              f"(LD_PRELOAD={m['ld_preload'] or '-'})"]
+              machine_line(m)]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import models
 from .config import load_config
 from .demo_data import write_demo_data
+from .logs import read_jsonl, write_jsonl
 from .methods import method_configs
 from .train import train
 
@@ -52,24 +53,13 @@ class DemoSettings:
                    dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
-
-
 def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, quick: bool) -> Path:
     """The base model's own answers to the benign alignment prompts (cached next to the data)."""
     if out_path.exists():
         return out_path
     from .generation import generate
 
-    rows = _read_jsonl(prompts_path)
+    rows = read_jsonl(prompts_path)
     if quick:
         rows = rows[:8]
     tok = models.load_tokenizer(models.DEFAULT_MODEL)
@@ -80,15 +70,15 @@ def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, quic
     out = [{"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": a}], "flag": "benign"}
            for r, a in zip(rows, answers) if a]
-    return _write_jsonl(out_path, out)
+    return write_jsonl(out_path, out)
 
 
 def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, quiet: bool) -> Path:
     """Alignment stage: LoRA SFT, merged into a cached model directory."""
     benign = benign_answers(data["align_benign_prompts"], out / "data" / "align_benign.jsonl",
                             settings.benign_max_new_tokens, quick=settings.n_task < 100)
-    mixed = _read_jsonl(data["align_harmful"]) + _read_jsonl(benign)
-    align_file = _write_jsonl(out / "data" / "align_train.jsonl", mixed)
+    mixed = read_jsonl(data["align_harmful"]) + read_jsonl(benign)
+    align_file = write_jsonl(out / "data" / "align_train.jsonl", mixed)
     key = hashlib.sha256(align_file.read_bytes() + json.dumps([settings.align, seed]).encode()).hexdigest()[:16]
     merged = models.cache_dir() / "aligned" / f"{models.DEFAULT_MODEL}-{key}"
     if (merged / "config.json").exists():
@@ -124,7 +114,7 @@ def _merge(adapter_dir: Path, dest: Path) -> None:
 def selection_stats(run_dir: Path, flags: dict[str, str]) -> dict:
     """How often DualSelect kept the harmful task samples, against their share of the batches."""
     seen, kept = Counter(), Counter()
-    for rec in _read_jsonl(run_dir / "selection.jsonl"):
+    for rec in read_jsonl(run_dir / "selection.jsonl"):
         if rec["kind"] == "step":
             seen.update(flags.get(i, "?") for i in rec["candidates"]["ids"])
             kept.update(flags.get(i, "?") for i in rec["ids"])
@@ -134,7 +124,7 @@ def selection_stats(run_dir: Path, flags: dict[str, str]) -> dict:
 
 
 def _losses(run_dir: Path) -> tuple[float, float]:
-    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     k = max(1, len(rows) // 5)
     first = sum(r["loss"] for r in rows[:k]) / k
     last = sum(r["loss"] for r in rows[-k:]) / k
@@ -147,7 +137,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
     data = write_demo_data(out / "data", seed=seed, n_task=settings.n_task, harmful_fraction=settings.harmful_fraction,
                            n_align_harmful=settings.n_align_harmful, n_reference=settings.n_reference)
     aligned = align(data, out, settings, seed, quiet)
-    flags = {r["id"]: r.get("flag", "task") for r in _read_jsonl(data["task_train"])}
+    flags = {r["id"]: r.get("flag", "task") for r in read_jsonl(data["task_train"])}
     results = {}
     for method in ("sft", "dualselect"):
         run_dir = out / method
@@ -174,5 +164,5 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
     s = results["dualselect"]["selection"]
     print(f"DualSelect kept {s['kept']} of {s['seen']} task samples seen; harmful share: "
           f"{s['unsafe_share_of_batches']:.1%} of the batches, {s['unsafe_share_of_kept']:.1%} of what it kept")
-    _write_jsonl(out / "summary.jsonl", [{"method": m, **r} for m, r in results.items()])
+    write_jsonl(out / "summary.jsonl", [{"method": m, **r} for m, r in results.items()])
     return results

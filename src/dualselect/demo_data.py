@@ -28,15 +28,12 @@ actions/objects depends on the seed, so train and evaluate with data written for
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import Iterable
 
 from .errors import DualSelectError
+from .logs import write_jsonl
 
 __all__ = [
     "CATEGORIES",
@@ -1108,24 +1105,6 @@ def _chat(user: str, assistant: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
-def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fraction: float = 0.2,
                     n_task_test: int = 200, *, n_align_harmful: int = 220, n_reference: int = 100,
                     n_heldout_harmful: int = 110) -> dict[str, Path]:
@@ -1212,6 +1191,6 @@ def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fra
     out: dict[str, Path] = {}
     for name, rows in files.items():
         p = out_dir / f"{name}.jsonl"
-        _write_jsonl_atomic(p, rows)
+        write_jsonl(p, rows)
         out[name] = p
     return out

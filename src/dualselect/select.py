@@ -14,9 +14,7 @@ start from an adapter (model.init_adapter) for directions that cover the whole L
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from .config import RunConfig, dump_yaml
 from .data.records import load_examples
 from .errors import DualSelectError
+from .logs import write_jsonl
 from .methods.dualselect import DualSelect
 from .selection.dualselect import cosines, select_task, task_scores
 
@@ -42,17 +41,9 @@ def _per_sample(method: DualSelect, chunk: int):
     """Yield (position, loss, tokens, grad) over the task set, a chunk at a time."""
     task = method.ctx.task
     for start in method.ctx.progress(range(0, len(task), chunk), desc="task", total=math.ceil(len(task) / chunk)):
-        out = method._grads(task[start:start + chunk])
+        out = method.per_sample_grads(task[start:start + chunk])
         for j in range(len(out.losses)):
             yield start + j, float(out.losses[j]), int(out.tokens[j]), out.grads[j]
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def select(cfg: RunConfig, keep: float = 0.5) -> SelectResult:
@@ -94,6 +85,6 @@ def select(cfg: RunConfig, keep: float = 0.5) -> SelectResult:
     kept_rows = [{"id": rows[i]["id"], "messages": by_id[rows[i]["id"]].messages, **by_id[rows[i]["id"]].meta}
                  for i in sorted(chosen.index)]
     scores_path, kept_path = run_dir / "task_scores.jsonl", run_dir / "selected_task.jsonl"
-    _write_jsonl(scores_path, rows)
-    _write_jsonl(kept_path, kept_rows)
+    write_jsonl(scores_path, rows)
+    write_jsonl(kept_path, kept_rows)
     return SelectResult(run_dir, scores_path, kept_path, len(rows), len(kept_rows))

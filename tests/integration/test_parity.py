@@ -5,7 +5,6 @@ Every loss, cosine and selection must match; the final adapter within a small to
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from dualselect.config import load_config

@@ -99,7 +99,8 @@ class DualSelect:
         finally:
             model.train(was_training)
 
-    def _grads(self, samples):
+    def per_sample_grads(self, samples):
+        """Per-sample losses and gradients in the configured score_mode (also used by `select`)."""
         c = self.ctx
         with self._scoring():
             return c.engine(c.model, samples, c.device, c.autocast)
@@ -109,16 +110,17 @@ class DualSelect:
         cfg, c = self.cfg, self.ctx
         refs = c.reference[: cfg.ref_pool_limit] if cfg.ref_pool_limit else c.reference
         top = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref)
-        losses, coss = [], []
+        losses, coss, all_scores = [], [], []
         chunks = range(0, len(refs), cfg.ref_chunk)
         for start in c.progress(chunks, desc=f"refresh epoch {epoch}", total=len(chunks)):
-            out = self._grads(refs[start:start + cfg.ref_chunk])
+            out = self.per_sample_grads(refs[start:start + cfg.ref_chunk])
             cos = cosines(out.grads, self.d_t)
             scores = reference_scores(out.losses, cos, cfg.mu_ref, cfg.nu)
             for j in range(len(scores)):
                 top.push(float(scores[j]), start + j, out.grads[j].clone())
             losses += out.losses.tolist()
             coss += cos.tolist()
+            all_scores += scores.tolist()
             del out
         sel, kept = top.result()
         self.g_r = weighted_direction(torch.stack(kept), sel.weights)
@@ -129,7 +131,7 @@ class DualSelect:
             ids = [refs[i].id for i in sel.index]
             c.selection_log.write({
                 "kind": "refresh", "epoch": epoch, "ids": ids, "index": sel.index, "weights": sel.weights,
-                "scores": [cfg.mu_ref * losses[i] - cfg.nu * coss[i] for i in sel.index],
+                "scores": [all_scores[i] for i in sel.index],
                 "losses": [losses[i] for i in sel.index], "cosines": [coss[i] for i in sel.index],
                 "loss_terms": [cfg.mu_ref * losses[i] for i in sel.index],
                 "cosine_terms": [-cfg.nu * coss[i] for i in sel.index],
@@ -144,7 +146,7 @@ class DualSelect:
     # -- warm-up and 2b/2c. task filtering + corrected step -----------------------------------------
     def step(self, planned: PlannedStep) -> dict:
         cfg, c = self.cfg, self.ctx
-        out = self._grads([c.task[i] for i in planned.ids])
+        out = self.per_sample_grads([c.task[i] for i in planned.ids])
         metrics = {"loss": float(out.losses.mean()), "tokens": int(out.tokens.sum()), "n_samples": len(planned.ids)}
         if planned.phase == "warmup":
             g = out.grads.mean(dim=0)

@@ -79,7 +79,7 @@ PHRASES: tuple[tuple[str, str], ...] = (
     ("inability", r"\b(?:i|we) (?:must|have to|will have to|need to) (?:respectfully )?(?:decline|refuse)\b"),
     ("inability", r"\b(?:i|we) (?:do not|don't) (?:condone|support|encourage|endorse|promote|engage in"
                   r"|feel comfortable)\b"),
-    ("inability", rf"\b(?:i'd|i would) (?:rather|prefer) not\b"),
+    ("inability", r"\b(?:i'd|i would) (?:rather|prefer) not\b"),
     ("inability", rf"\b{_I_AM} not comfortable\b"),
     ("inability", r"\bnot something (?:i|we) (?:can|will|am able to|'m able to)\b"),
     ("inability", r"\b(?:i|we) (?:can|could) help with [^.!?\n]{0,160}, but not\b"),
