@@ -39,6 +39,7 @@ class DemoSettings:
     n_align_harmful: int = 160
     n_reference: int = 96
     benign_max_new_tokens: int = 64
+    benign_limit: int | None = None  # answer only the first N benign alignment prompts
     align: list[str] = field(default_factory=lambda: [
         "train.epochs=2", "train.lr=2e-4", "train.batch_size=8", "model.lora_targets=[q_proj,k_proj,v_proj,o_proj]"])
     task: list[str] = field(default_factory=lambda: ["train.epochs=2", "train.lr=2e-4", "train.batch_size=8"])
@@ -47,21 +48,20 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16,
+        return cls(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16, benign_limit=8,
                    align=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8", "train.max_steps=2"],
                    task=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8"],
                    dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"])
 
 
-def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, quick: bool) -> Path:
-    """The base model's own answers to the benign alignment prompts (cached next to the data)."""
+def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, limit: int | None) -> Path:
+    """The base model's own answers to the benign alignment prompts (cached next to the data, the file
+    name holding the settings)."""
     if out_path.exists():
         return out_path
     from .generation import generate
 
-    rows = read_jsonl(prompts_path)
-    if quick:
-        rows = rows[:8]
+    rows = read_jsonl(prompts_path)[:limit]
     tok = models.load_tokenizer(models.DEFAULT_MODEL)
     model, precision, device = models.load_model(models.DEFAULT_MODEL)
     log.info("generating the base model's answers to %d benign prompts", len(rows))
@@ -75,8 +75,9 @@ def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, quic
 
 def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, quiet: bool) -> Path:
     """Alignment stage: LoRA SFT, merged into a cached model directory."""
-    benign = benign_answers(data["align_benign_prompts"], out / "data" / "align_benign.jsonl",
-                            settings.benign_max_new_tokens, quick=settings.n_task < 100)
+    name = f"align_benign-{settings.benign_limit or 'all'}-{settings.benign_max_new_tokens}tok.jsonl"
+    benign = benign_answers(data["align_benign_prompts"], out / "data" / name, settings.benign_max_new_tokens,
+                            settings.benign_limit)
     mixed = read_jsonl(data["align_harmful"]) + read_jsonl(benign)
     align_file = write_jsonl(out / "data" / "align_train.jsonl", mixed)
     key = hashlib.sha256(align_file.read_bytes() + json.dumps([settings.align, seed]).encode()).hexdigest()[:16]
