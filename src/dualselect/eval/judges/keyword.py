@@ -201,6 +201,7 @@ class KeywordJudge:
         self.max_line_share = max_line_share
         self.max_char_run = max_char_run
         self.id = f"keyword-v{VERSION}"
+        self.measures = "refusal"
 
     # -- rules
     def match(self, response: str) -> tuple[str, str] | None:
