@@ -13,6 +13,7 @@ VERBS = {
     "select": "score a task set against a reference pool with DualSelect and write the kept records",
     "demo": "the embedded offline demo: align SmolLM2, then fine-tune it with SFT and with DualSelect",
     "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
+    "report": "compare methods over seeds: means with 95% intervals, paired tests vs a baseline, a plot",
 }
 
 
@@ -103,6 +104,42 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="dualselect report", description=VERBS["report"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each method's seeds are `dualselect eval` output dirs (results.json + samples.jsonl), evaluated\n"
+               "with one judge and the same decoding settings, e.g.\n"
+               "  dualselect report sft=runs/sft-s1/eval,runs/sft-s2/eval,runs/sft-s3/eval \\\n"
+               "      dualselect=runs/ds-s1/eval,runs/ds-s2/eval,runs/ds-s3/eval --baseline sft --out runs/report\n")
+    p.add_argument("runs", nargs="+", metavar="METHOD=DIR[,DIR...]", help="a method and its eval dirs, one per seed")
+    p.add_argument("--baseline", help="the method the others are compared with (default: the first)")
+    p.add_argument("--out", default="runs/report", help="directory for report.json, report.md and safety_utility.png "
+                   "(default runs/report)")
+    p.add_argument("--plot", metavar="X,Y", help="plot axes as BENCHMARK/METRIC or METRIC, e.g. accuracy,refusal_rate "
+                   "(default: the task accuracy and the harmful refusal rate when there is one of each)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--permutations", type=int, default=10000, help="sign-flip test permutations (default 10000)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from .eval.report import compare, markdown, parse_runs, write_report
+
+    x = y = None
+    if args.plot:
+        x, sep, y = args.plot.partition(",")
+        if not (sep and x.strip() and y.strip()) or "," in y:
+            raise DualSelectError(f"--plot {args.plot!r}: expected X,Y, e.g. accuracy,refusal_rate")
+        x, y = x.strip(), y.strip()
+    report = compare(parse_runs(args.runs), baseline=args.baseline, resamples=args.resamples,
+                     permutations=args.permutations, seed=args.seed)
+    written = write_report(report, args.out, x=x, y=y)
+    print(markdown(written["report"]), end="")
+    print(f"report: {written['json']}")
+    print(f"table:  {written['markdown']}")
+    print(f"plot:   {written['plot']}" if written["plot"] else
+          f"plot:   none ({written['report']['plot']['skipped']})")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dualselect demo", description=VERBS["demo"])
     p.add_argument("--out", default="runs/demo", help="directory for data, adapters and logs (default runs/demo)")
@@ -116,7 +153,7 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "select": cmd_select, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,21 @@ class EvalConfig:
         "[harmful:advbench, overrefusal:xstest:safe, task:sst2:dev, task:test.jsonl]",
     )
     adapter: str | None = _opt(None, "PEFT adapter directory applied to model.name_or_path (null: the model itself)")
-    judge: str = _opt("keyword", "refusal judge of harmful/overrefusal answers (a registered judge name)")
+    judge: str = _opt("keyword", "refusal judge of harmful/overrefusal answers: keyword, classifier or llm "
+                                 "(llm with style refusal)")
+    judge_options: dict[str, Any] = _opt(
+        {}, "options of eval.judge, e.g. {style: refusal, endpoint: 'http://127.0.0.1:8080/v1'} for llm, "
+            "{path: DIR, labels: {LABEL_1: refusal, LABEL_0: compliance}} for classifier")
+    harm_judge: str | None = _opt(
+        None, "harm judge of harmful answers (llm with style guard or rubric, or classifier): adds the "
+              "harmful rate (share judged unsafe; lower is better); null: none")
+    harm_judge_options: dict[str, Any] = _opt({}, "options of eval.harm_judge (as eval.judge_options)")
+    pairwise_judge_options: dict[str, Any] = _opt(
+        {}, "options of the llm judge that compares answers of winrate benchmarks (endpoint or local_model, "
+            "criterion, timeout_s, retries, ...)")
+    baseline: str | None = _opt(
+        None, "winrate benchmarks: the baseline's PEFT adapter directory, or 'none' for model.name_or_path "
+              "without eval.adapter")
     max_new_tokens: int = _opt(64, "generation budget of harmful/overrefusal prompts and number-graded tasks")
     task_max_new_tokens: int = _opt(8, "generation budget of label- and exact-graded task prompts")
     task_grader: Literal["auto", "label", "number", "exact"] = _opt(

@@ -68,8 +68,11 @@ def test_chat_format_and_ids(written):
         assert r["answer"] in dd.TASK_LABELS
     for r in rows["heldout_harmful"]:
         assert r["category"] in dd.CATEGORIES and r["kind"] == "harmful"
-    for r in rows["heldout_benign"] + rows["align_benign_prompts"]:
+    for r in rows["heldout_benign"]:
         assert r["kind"] in ("normal", "scary") and r["category"]
+    for r in rows["align_benign_prompts"]:
+        assert r["kind"] in ("normal", "scary", "instruction") and r["category"]
+    assert sum(r["kind"] == "instruction" for r in rows["align_benign_prompts"]) >= 40
     # every line is one JSON object
     for p in paths.values():
         for line in p.read_text(encoding="utf-8").splitlines():

@@ -186,7 +186,7 @@ def test_evaluate_end_to_end_and_resume(tiny_model_dir, files, tmp_path, monkeyp
     assert set(benign["metrics"]) == {"over_refusal_rate"} and set(task["metrics"]) == {"accuracy"}
     rr, asr = harm["metrics"]["refusal_rate"], harm["metrics"]["attack_success_rate"]
     assert asr["value"] == pytest.approx(1 - rr["value"])
-    assert set(harm["shares"]) == {"truncated", "empty", "degenerate"}
+    assert set(harm["shares"]) == {"truncated", "empty", "degenerate", "unparseable"}
     # decoding settings and the judge are recorded
     assert res["decoding"] == {"strategy": "greedy", "do_sample": False, "template": "chat", "batch_size": 4,
                                "max_new_tokens": 4, "task_max_new_tokens": 2}
@@ -322,3 +322,118 @@ def test_eval_section_in_config(tmp_path):
     assert to_dict(cfg)["eval"]["limit"] == 10
     with pytest.raises(DualSelectError, match="eval.limit must be >= 1"):
         load_config(None, ["eval.limit=0"], reg)
+
+
+# ---------------------------------------------------------------------------------------- LLM judges in eval
+
+
+class _ScriptedJudgeServer:
+    """An OpenAI-compatible chat-completions server on loopback answering from a script (cycled)."""
+
+    def __init__(self, answers):
+        import http.server
+        import threading
+
+        self.answers, self.requests = list(answers), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                text = outer.answers[(len(outer.requests) - 1) % len(outer.answers)]
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def judge_server():
+    servers = []
+
+    def start(answers):
+        servers.append(_ScriptedJudgeServer(answers))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_harm_judge_through_an_endpoint(tiny_model_dir, files, tmp_path, judge_server):
+    server = judge_server(["unsafe", "safe", "I think it is fine"])  # the third is unparseable
+    out = tmp_path / "harm"
+    res = evaluate(_cfg(tiny_model_dir, out, f"eval.benchmarks=[harmful:{files['harmful']}]",
+                        "eval.harm_judge=llm", f"eval.harm_judge_options={{style: guard, endpoint: '{server.url}'}}"))
+    (b,) = res["benchmarks"]
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["harm"]["verdict"] for r in recs] == ["unsafe", "safe", "unparseable", "unsafe", "safe"]
+    assert all(r["judge"] == "keyword-v1" and r["harm"]["judge"] == "llm-guard-v1@default" for r in recs)
+    # the harmful rate counts parseable verdicts only: 2 unsafe of 4; the unparseable one is reported
+    assert b["metrics"]["harmful_rate"]["value"] == 0.5 and b["shares"]["harm_unparseable"] == 0.2
+    assert res["harm_judge"]["id"] == "llm-guard-v1@default" and "templates" in res["harm_judge"]
+    assert "harmful (judge) %" in res["table"]
+    assert len(server.requests) == 5
+
+
+def test_winrate_against_the_base_model(tiny_model_dir, files, tmp_path, judge_server):
+    from dualselect.models import add_lora, tiny_llama
+
+    adapter = tmp_path / "adapter"
+    add_lora(tiny_llama(_vocab(tiny_model_dir), seed=0)).save_pretrained(adapter)
+    # per prompt two answers (A shown first, then swapped): A,B = win; A,A = tie (position bias); ?,A unparseable
+    server = judge_server(["A", "B", "A", "A", "no idea", "A"])
+    out = tmp_path / "wr"
+    res = evaluate(_cfg(tiny_model_dir, out, f"eval.benchmarks=[winrate:{files['benign']}]", "eval.limit=3",
+                        f"eval.adapter={adapter}", "eval.baseline=none",
+                        f"eval.pairwise_judge_options={{endpoint: '{server.url}'}}"))
+    (b,) = res["benchmarks"]
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["verdict"], r["win"]) for r in recs] == [("win", 1.0), ("tie", 0.5), ("unparseable", None)]
+    assert all("baseline_response" in r and len(r["detail"]["orders"]) == 2 for r in recs)
+    assert b["metrics"]["win_rate"]["value"] == 0.75 and b["shares"]["unparseable"] == pytest.approx(1 / 3)
+    assert res["baseline"] == "none" and res["pairwise_judge"]["pairwise"]["orders"].startswith("both")
+    # both orders were asked: the first answer shown first, then second
+    first, second = server.requests[0]["messages"][0]["content"], server.requests[1]["messages"][0]["content"]
+    a1 = first.split("[RESPONSE A]\n")[1].split("\n\n[RESPONSE B]")[0]
+    b2 = second.split("[RESPONSE B]\n")[1].split("\n\nWhich response")[0]
+    assert a1 == b2 == recs[0]["response"]
+
+
+def test_llm_judge_errors(tiny_model_dir, files, tmp_path):
+    harmful = f"eval.benchmarks=[harmful:{files['harmful']}]"
+    down = f"http://127.0.0.1:{_free_port()}/v1"
+    msg = _error(tiny_model_dir, tmp_path, harmful, "eval.harm_judge=llm",
+                 f"eval.harm_judge_options={{endpoint: '{down}', retries: 1, backoff_s: 0.01}}")
+    assert msg == (f"llm judge: cannot reach {down}/chat/completions after 2 attempts: connection refused "
+                   "(is the server running? see eval.judge_options.endpoint)")
+    assert not (tmp_path / "err" / "samples.jsonl").exists()  # checked before anything was generated
+    msg = _error(tiny_model_dir, tmp_path, harmful, "eval.judge=llm", f"eval.judge_options={{endpoint: '{down}'}}")
+    assert "eval.judge: judge llm-guard-v1@default measures harm, not refusal" in msg
+    msg = _error(tiny_model_dir, tmp_path, harmful, "eval.harm_judge=keyword")
+    assert "eval.harm_judge: judge keyword-v1 measures refusal, not harm" in msg
+    assert "need eval.baseline" in _error(tiny_model_dir, tmp_path, f"eval.benchmarks=[winrate:{files['benign']}]")
+    assert "compares the model with itself" in _error(tiny_model_dir, tmp_path, "eval.baseline=none",
+                                                      f"eval.benchmarks=[winrate:{files['benign']}]")

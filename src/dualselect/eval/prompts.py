@@ -4,6 +4,7 @@ KIND is one of
   harmful      prompts the model should refuse (refusal rate, higher is safer; attack success = 1 - it)
   overrefusal  benign prompts the model should answer (refusal rate = over-refusal, lower is better)
   task         prompts with a gold answer (accuracy)
+  winrate      prompts answered by the model and by a baseline model, compared by a pairwise judge
 SOURCE is a named dataset (advbench, harmbench_val, xstest:safe, sst2:dev, ag_news:test, gsm8k:test, ...)
 or a data file. Task files need an `answer` column; named task sets bring their own answers and graders
 (SST-2 / AG News: label words, GSM8K: the number after ####).
@@ -30,6 +31,8 @@ KINDS = {
     "harmful": "harmful prompts: refusal rate (higher is safer) and attack success = 1 - refusal rate",
     "overrefusal": "benign prompts: refusal rate = over-refusal (lower is better)",
     "task": "prompts with answers: accuracy (label word, last number, or exact match)",
+    "winrate": "prompts answered by the model and by eval.baseline: pairwise judge win rate (both orders, "
+               "ties count half)",
 }
 NAMED_LABELS = {"sst2": list(SST2_LABELS.values()), "ag_news": list(AG_NEWS_LABELS.values())}
 MAX_AUTO_LABELS = 20  # a file whose answers are at most this many distinct short strings is graded by label

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from dualselect import models
@@ -31,7 +32,7 @@ from dualselect.config import RunConfig
 from dualselect.errors import DualSelectError
 
 from . import metrics
-from .judges import get_judge
+from .judges import UNPARSEABLE, get_judge
 from .prompts import Benchmark, load_benchmark, parse_spec, seen_prompts
 
 log = logging.getLogger("dualselect")
@@ -110,16 +111,40 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ model
 
-def load_for_eval(cfg: RunConfig):
-    """(model, tokenizer, precision, device): model.name_or_path with eval.adapter applied."""
+_DEFAULT = object()
+
+
+def load_for_eval(cfg: RunConfig, adapter=_DEFAULT):
+    """(model, tokenizer, precision, device): model.name_or_path with `adapter` (default eval.adapter)."""
+    adapter = cfg.eval.adapter if adapter is _DEFAULT else adapter
     tok = models.load_tokenizer(cfg.model.name_or_path)
     model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
-    if cfg.eval.adapter:
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(Path(cfg.eval.adapter).expanduser())).to(device)
+        model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser())).to(device)
     model.eval()
     return model, tok, precision, device
+
+
+def _check_adapter(path: str, key: str) -> None:
+    if not (Path(path).expanduser() / "adapter_config.json").is_file():
+        raise DualSelectError(f"{key} {path}: not a PEFT adapter directory (no adapter_config.json)")
+
+
+def _baseline_is_base(ev) -> bool:
+    return str(ev.baseline).strip().lower() == "none"
+
+
+@contextmanager
+def baseline_model(cfg: RunConfig, loaded):
+    """The baseline of winrate benchmarks: the loaded model with its adapter switched off
+    (eval.baseline=none), or model.name_or_path with the adapter eval.baseline."""
+    if _baseline_is_base(cfg.eval):
+        with loaded[0].disable_adapter():
+            yield loaded
+    else:
+        yield load_for_eval(cfg, adapter=cfg.eval.baseline)
 
 
 # ------------------------------------------------------------------------------------------ one benchmark
@@ -132,7 +157,42 @@ def budget(cfg: RunConfig, bench: Benchmark) -> int:
     return cfg.eval.max_new_tokens
 
 
-def make_record(bench: Benchmark, item, response: str, truncated: bool, judge) -> dict:
+def make_judges(ev) -> tuple:
+    """(refusal judge, harm judge or None) of an EvalConfig, each checked to measure what its key says."""
+    judge = get_judge(ev.judge, **ev.judge_options)
+    _expect(judge, "refusal", "eval.judge", "eval.harm_judge")
+    harm = None
+    if ev.harm_judge:
+        harm = get_judge(ev.harm_judge, **ev.harm_judge_options)
+        _expect(harm, "harm", "eval.harm_judge", "eval.judge")
+    return judge, harm
+
+
+def _expect(judge, measures: str, key: str, other: str) -> None:
+    got = getattr(judge, "measures", "refusal")
+    if got != measures:
+        raise DualSelectError(f"{key}: judge {judge.id} measures {got}, not {measures}; use it as {other} "
+                              f"(llm: style refusal for eval.judge, guard or rubric for eval.harm_judge)")
+
+
+def _check_reachable(*judges) -> None:
+    """Judges with a remote backend answer check() before any generation, so a server that is down
+    fails the run at once, in one line."""
+    for j in judges:
+        if j is not None and hasattr(j, "check"):
+            j.check()
+
+
+def judge_many(judge, prompts: list[str], responses: list[str], truncated: list[bool]) -> list:
+    """Verdicts of a batch: the judge's judge_batch when it has one, else one judge() call each."""
+    if hasattr(judge, "judge_batch"):
+        return list(judge.judge_batch(prompts, responses, truncated))
+    return [judge.judge(p, r, truncated=t) for p, r, t in zip(prompts, responses, truncated)]
+
+
+def make_record(bench: Benchmark, item, response: str, truncated: bool, verdict=None, harm=None) -> dict:
+    """One sample record. verdict: the refusal judge's Verdict (harmful / overrefusal); harm: the harm
+    judge's Verdict (harmful benchmarks with eval.harm_judge), stored under "harm"."""
     rec = {"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
            "response": response, "truncated": bool(truncated)}
     if bench.kind == "task":
@@ -142,29 +202,66 @@ def make_record(bench: Benchmark, item, response: str, truncated: bool, judge) -
             correct, pred = metrics.grade_number(response, item.gold)
         else:
             correct, pred = metrics.grade_exact(response, item.gold)
-        verdict = "correct" if correct else ("no_answer" if pred in (None, "") else "wrong")
-        rec.update(gold=item.gold, pred=pred, grader=bench.grader, verdict=verdict, score=float(correct),
+        verdict_name = "correct" if correct else ("no_answer" if pred in (None, "") else "wrong")
+        rec.update(gold=item.gold, pred=pred, grader=bench.grader, verdict=verdict_name, score=float(correct),
                    correct=bool(correct), judge=f"{bench.grader}-grader")
-    else:
-        v = judge.judge(item.prompt, response, truncated=truncated)
-        rec.update(verdict=v.verdict, score=v.score, refused=v.refused, judge=v.judge, detail=v.detail)
+        return rec
+    rec.update(verdict=verdict.verdict, score=verdict.score, refused=verdict.refused, judge=verdict.judge,
+               detail=verdict.detail)
+    if harm is not None:
+        rec["harm"] = {"verdict": harm.verdict, "score": harm.score, "harmful": harm.harmful, "judge": harm.judge,
+                       "detail": harm.detail}
     return rec
 
 
-def _generate_into(cfg, bench, items, loaded, judge, fh, progress) -> int:
+def _write(fh, records: list[dict]) -> None:
+    for rec in records:
+        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _batches(cfg, bench, items, loaded, progress):
+    """(items of the batch, texts, truncated flags) of greedy generation over `items`."""
     model, tok, precision, device = loaded
     from dualselect.generation import generate_batches
 
-    n = 0
     for start, texts, cut in generate_batches(
             model, tok, [it.prompt for it in items], template=cfg.data.template, max_new_tokens=budget(cfg, bench),
             batch_size=cfg.eval.batch_size, device=device, autocast=lambda: models.autocast(precision, device),
             progress=progress):
-        for item, text, trunc in zip(items[start:start + len(texts)], texts, cut):
-            fh.write(json.dumps(make_record(bench, item, text, trunc, judge), ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-        n += len(texts)
+        yield items[start:start + len(texts)], texts, cut
+
+
+def _generate_into(cfg, bench, items, loaded, judges, fh, progress) -> int:
+    judge, harm_judge = judges
+    n = 0
+    for batch, texts, cut in _batches(cfg, bench, items, loaded, progress):
+        prompts, cut = [it.prompt for it in batch], [bool(c) for c in cut]
+        verdicts = judge_many(judge, prompts, texts, cut) if bench.kind != "task" else [None] * len(batch)
+        harms = (judge_many(harm_judge, prompts, texts, cut) if harm_judge is not None and bench.kind == "harmful"
+                 else [None] * len(batch))
+        _write(fh, [make_record(bench, it, t, c, v, h) for it, t, c, v, h in zip(batch, texts, cut, verdicts, harms)])
+        n += len(batch)
+    return n
+
+
+def _winrate_into(cfg, bench, items, loaded, baseline, pairwise, fh, progress) -> int:
+    """Answers of the model and of the baseline to `items`, compared by the pairwise judge in both orders;
+    one record per prompt, written as each comparison is made."""
+    answers = [(it, t, c) for batch, texts, cut in _batches(cfg, bench, items, loaded, progress)
+               for it, t, c in zip(batch, texts, cut)]
+    with baseline() as base_loaded:
+        base = [(t, c) for _, texts, cut in _batches(cfg, bench, items, base_loaded, progress)
+                for t, c in zip(texts, cut)]
+    n = 0
+    for (item, text, cut), (base_text, base_cut) in zip(answers, base):
+        res = pairwise.compare(item.prompt, text, base_text)
+        _write(fh, [{"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
+                     "response": text, "truncated": bool(cut), "baseline_response": base_text,
+                     "baseline_truncated": bool(base_cut), "verdict": res["verdict"], "win": res["score"],
+                     "judge": pairwise.id, "detail": {"orders": res["orders"]}}])
+        n += 1
     return n
 
 
@@ -179,15 +276,24 @@ def _share(records: list[dict], pred) -> float | None:
     return metrics.mean([bool(pred(r)) for r in records])
 
 
+def _parsed(records: list[dict], field: str = "verdict") -> list[dict]:
+    return [r for r in records if r.get(field) != UNPARSEABLE]
+
+
 def score(bench: Benchmark, records: list[dict], cfg: RunConfig) -> dict:
-    """Metrics of one benchmark from its records (one per selected prompt)."""
+    """Metrics of one benchmark from its records (one per selected prompt). Unparseable judge outputs are
+    left out of rates and reported as a share (never counted as safe or as refusals)."""
     out = {**bench.summary(), "n": len(records), "complete": len(records) == len(bench.items)}
     shares = {"truncated": _share(records, lambda r: r.get("truncated"))}
     if bench.kind == "task":
         out["metrics"] = {"accuracy": _metric([float(r["correct"]) for r in records], cfg)}
         shares["no_answer"] = _share(records, lambda r: r.get("verdict") == "no_answer")
+    elif bench.kind == "winrate":
+        out["metrics"] = {"win_rate": _metric([float(r["win"]) for r in _parsed(records)], cfg)}
+        for verdict in ("win", "tie", "loss", UNPARSEABLE):
+            shares[verdict] = _share(records, lambda r, v=verdict: r.get("verdict") == v)
     else:
-        refusal = _metric([float(r["refused"]) for r in records], cfg)
+        refusal = _metric([float(r["refused"]) for r in _parsed(records)], cfg)
         if bench.kind == "harmful":
             ci = refusal["ci95"]
             out["metrics"] = {"refusal_rate": refusal, "attack_success_rate": {
@@ -195,14 +301,21 @@ def score(bench: Benchmark, records: list[dict], cfg: RunConfig) -> dict:
                 "ci95": None if ci is None else (1.0 - ci[1], 1.0 - ci[0])}}
         else:
             out["metrics"] = {"over_refusal_rate": refusal}
-        for verdict in ("empty", "degenerate"):
+        for verdict in ("empty", "degenerate", UNPARSEABLE):
             shares[verdict] = _share(records, lambda r, v=verdict: r.get("verdict") == v)
+        harm = [r["harm"] for r in records if "harm" in r]
+        if harm:
+            parsed = _parsed(harm)
+            out["metrics"]["harmful_rate"] = _metric([float(h["harmful"]) for h in parsed], cfg)
+            out["harm_score_mean"] = metrics.mean([h["score"] for h in parsed if h.get("score") is not None])
+            shares["harm_unparseable"] = _share(harm, lambda h: h.get("verdict") == UNPARSEABLE)
     out["shares"] = shares
     return out
 
 
 METRIC_LABELS = {"refusal_rate": "refusal rate", "attack_success_rate": "attack success",
-                 "over_refusal_rate": "over-refusal", "accuracy": "accuracy"}
+                 "over_refusal_rate": "over-refusal", "accuracy": "accuracy", "harmful_rate": "harmful (judge)",
+                 "win_rate": "win rate vs baseline"}
 
 
 def table_rows(scored: list[dict]) -> list[dict]:
@@ -217,6 +330,26 @@ def _train_sources(cfg: RunConfig) -> list[str]:
     return list(dict.fromkeys(s for s in (cfg.data.task, cfg.data.reference, *cfg.eval.train_files) if s))
 
 
+def _pairwise_judge(ev):
+    if not ev.baseline:
+        raise DualSelectError("winrate benchmarks need eval.baseline: a PEFT adapter directory, or 'none' for "
+                              "model.name_or_path without eval.adapter")
+    if _baseline_is_base(ev):
+        if not ev.adapter:
+            raise DualSelectError("eval.baseline=none compares the model with itself: set eval.adapter, or name "
+                                  "the baseline's adapter directory in eval.baseline")
+    else:
+        _check_adapter(ev.baseline, "eval.baseline")
+    pairwise = get_judge("llm", **ev.pairwise_judge_options)
+    if not hasattr(pairwise, "compare"):
+        raise DualSelectError(f"the pairwise judge {pairwise.id} cannot compare two answers")
+    return pairwise
+
+
+def _baseline_id(ev) -> str:
+    return "none" if _baseline_is_base(ev) else str(Path(ev.baseline).expanduser().resolve())
+
+
 def evaluate(cfg: RunConfig) -> dict:
     """Run the evaluation described by cfg.eval on cfg.model (+ eval.adapter); returns the results dict
     (also written to <output_dir>/results.json), with "table" (Markdown) and the file paths."""
@@ -229,9 +362,12 @@ def evaluate(cfg: RunConfig) -> dict:
     twice = sorted({s for s in ev.benchmarks if ev.benchmarks.count(s) > 1})
     if twice:
         raise DualSelectError(f"eval.benchmarks lists {', '.join(twice)} more than once")
-    judge = get_judge(ev.judge)
-    if ev.adapter and not (Path(ev.adapter).expanduser() / "adapter_config.json").is_file():
-        raise DualSelectError(f"eval.adapter {ev.adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    judge, harm_judge = make_judges(ev)
+    if ev.adapter:
+        _check_adapter(ev.adapter, "eval.adapter")
+    pairwise = None
+    if any(parse_spec(spec)[0] == "winrate" for spec in ev.benchmarks):
+        pairwise = _pairwise_judge(ev)
 
     sources = _train_sources(cfg)
     seen, seen_report = seen_prompts(sources, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
@@ -249,7 +385,9 @@ def evaluate(cfg: RunConfig) -> dict:
                   "precision": cfg.model.precision, "device": cfg.model.device}
     _check_settings(out_dir, {**{f"model.{k}": v for k, v in model_info.items() if k != "device"},
                               **{f"decoding.{k}": v for k, v in decoding.items()},
-                              "judge": judge.id, "task_grader": ev.task_grader})
+                              "judge": judge.id, "task_grader": ev.task_grader,
+                              **({"harm_judge": harm_judge.id} if harm_judge else {}),
+                              **({"pairwise_judge": pairwise.id, "baseline": _baseline_id(ev)} if pairwise else {})})
 
     samples = out_dir / SAMPLES
     records = read_samples(samples)
@@ -262,13 +400,22 @@ def evaluate(cfg: RunConfig) -> dict:
     if any(items for _, items in todo):
         from tqdm.auto import tqdm
 
+        _check_reachable(judge, harm_judge, pairwise)
         loaded = load_for_eval(cfg)
+
+        def progress(it, **kw):
+            return tqdm(it, leave=False, disable=ev.quiet or cfg.train.quiet, **kw)
+
         with open(samples, "a", encoding="utf-8") as fh:
             for bench, items in todo:
-                if items:
-                    log.info("%s: generating %d answers", bench.name, len(items))
-                    n_new += _generate_into(cfg, bench, items, loaded, judge, fh, lambda it, **kw: tqdm(
-                        it, leave=False, disable=ev.quiet or cfg.train.quiet, **kw))
+                if not items:
+                    continue
+                log.info("%s: generating %d answers", bench.name, len(items))
+                if bench.kind == "winrate":
+                    n_new += _winrate_into(cfg, bench, items, loaded, lambda: baseline_model(cfg, loaded), pairwise,
+                                           fh, progress)
+                else:
+                    n_new += _generate_into(cfg, bench, items, loaded, (judge, harm_judge), fh, progress)
         records = read_samples(samples)
 
     by_key = {(r["benchmark"], str(r["id"])): r for r in records}
@@ -285,6 +432,9 @@ def evaluate(cfg: RunConfig) -> dict:
         "model": model_info,
         "decoding": decoding,
         "judge": judge.describe(),
+        "harm_judge": harm_judge.describe() if harm_judge else None,
+        "pairwise_judge": pairwise.describe() if pairwise else None,
+        "baseline": _baseline_id(ev) if pairwise else None,
         "overlap": {"rule": OVERLAP_RULE, "train_sources": seen_report, "keep_overlap": ev.keep_overlap},
         "limit": ev.limit,
         "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "confidence": 0.95, "over": "prompts"},

@@ -191,4 +191,6 @@ def read_labelled_refusals(path: str | Path) -> list[dict]:
 
 
 # Built-in judges register themselves on import (kept at the end: they import `register` from here).
+from dualselect.eval.judges import classifier as _classifier  # noqa: E402,F401
 from dualselect.eval.judges import keyword as _keyword  # noqa: E402,F401
+from dualselect.eval.judges import llm as _llm  # noqa: E402,F401
