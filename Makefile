@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 JEMALLOC_AUTO ?= 1
 RUN := LD_PRELOAD=$$(ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 2>/dev/null | head -n 1)
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup setup-llm-server demo test test-all clean
 
 $(BIN)/dualselect: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,21 @@ $(BIN)/dualselect: pyproject.toml
 
 setup: $(BIN)/dualselect
 
+# llama-cpp-python's OpenAI-compatible server, for the test of the llm judge against a real server.
+# It has no binary wheel: pip compiles llama.cpp once (about 7 minutes on 2 cores), then reuses its cache.
+$(VENV)/.llm-server: $(BIN)/dualselect
+	$(BIN)/pip install -q -e ".[test,llm-server]"
+	touch $@
+
+setup-llm-server: $(VENV)/.llm-server
+
 demo: setup
 	$(RUN) $(BIN)/dualselect demo
 
-test: setup
+test: setup setup-llm-server
 	$(RUN) $(BIN)/python -m pytest -m "not slow" -q
 
-test-all: setup
+test-all: setup setup-llm-server
 	$(RUN) $(BIN)/python -m pytest -q
 
 clean:

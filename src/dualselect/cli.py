@@ -11,7 +11,7 @@ from .errors import DualSelectError
 VERBS = {
     "train": "fine-tune with a method (sft, dualselect, ...) from a YAML config and key=value overrides",
     "select": "score a task set against a reference pool with DualSelect and write the kept records",
-    "demo": "the embedded offline demo: align SmolLM2, then fine-tune it with SFT and with DualSelect",
+    "demo": "the embedded offline demo: align SmolLM2, fine-tune it with SFT and DualSelect, evaluate, table and plot",
     "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
     "report": "compare methods over seeds: means with 95% intervals, paired tests vs a baseline, a plot",
 }

@@ -6,7 +6,10 @@
    aligned model cached (keyed by data and settings), so later demos skip this stage.
 3. Fine-tune the aligned model on a task whose data holds some harmful -> compliance pairs, once
    with plain SFT and once with DualSelect (reference pool: held-apart refusal examples).
-4. Print where the adapters are, the training losses and DualSelect's selection statistics.
+4. Evaluate the base model, the aligned model and both fine-tuned models with `dualselect eval` (held-out
+   harmful prompts: refusal rate; held-out benign prompts: over-refusal; task test set: accuracy), compare
+   them with `dualselect report` (paired tests against plain SFT) and draw the safety-utility plot.
+5. Print the result table, the training summary and DualSelect's selection statistics.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,8 @@ from pathlib import Path
 from . import models
 from .config import load_config
 from .demo_data import write_demo_data
+from .eval import report
+from .eval.run import evaluate
 from .logs import read_jsonl, write_jsonl
 from .methods import method_configs
 from .train import train
@@ -34,24 +40,32 @@ log = logging.getLogger("dualselect")
 @dataclass
 class DemoSettings:
     """Sizes and recipes of each stage (`quick` shrinks them to a smoke test)."""
-    n_task: int = 256
+    n_task: int = 192
     harmful_fraction: float = 0.2
-    n_align_harmful: int = 160
+    n_align_harmful: int = 200
     n_reference: int = 96
-    benign_max_new_tokens: int = 64
+    benign_max_new_tokens: int = 48
     benign_limit: int | None = None  # answer only the first N benign alignment prompts
+    # Calibrated on held-out prompts (limit 100, keyword judge, one seed; refusal / over-refusal %):
+    #   160 harmful, q,k,v,o, lr 5e-4: 74 / 25;  lr 8e-4: 68 / 11;  200 harmful, all linear layers: 94 / 38
+    #   (the earlier recipe, 2 epochs on fewer benign rows: 92 / 55, refusing every task prompt).
     align: list[str] = field(default_factory=lambda: [
-        "train.epochs=2", "train.lr=2e-4", "train.batch_size=8", "model.lora_targets=[q_proj,k_proj,v_proj,o_proj]"])
+        "train.epochs=1", "train.lr=5e-4", "train.batch_size=8",
+        "model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
     task: list[str] = field(default_factory=lambda: ["train.epochs=2", "train.lr=2e-4", "train.batch_size=8"])
     dualselect: list[str] = field(default_factory=lambda: [
         "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
+    # refusal is read from the opening of an answer (keyword judge), so 32 new tokens are enough
+    eval: list[str] = field(default_factory=lambda: [
+        "eval.limit=100", "eval.max_new_tokens=32", "eval.task_max_new_tokens=8", "eval.batch_size=16"])
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16, benign_limit=8,
                    align=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8", "train.max_steps=2"],
                    task=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8"],
-                   dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"])
+                   dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"],
+                   eval=["eval.limit=4", "eval.max_new_tokens=4", "eval.task_max_new_tokens=2", "eval.batch_size=4"])
 
 
 def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, limit: int | None) -> Path:
@@ -65,8 +79,8 @@ def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, limi
     tok = models.load_tokenizer(models.DEFAULT_MODEL)
     model, precision, device = models.load_model(models.DEFAULT_MODEL)
     log.info("generating the base model's answers to %d benign prompts", len(rows))
-    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, device=device,
-                       autocast=lambda: models.autocast(precision, device))
+    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=16,
+                       device=device, autocast=lambda: models.autocast(precision, device))
     out = [{"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": a}], "flag": "benign"}
            for r, a in zip(rows, answers) if a]
@@ -132,15 +146,67 @@ def _losses(run_dir: Path) -> tuple[float, float]:
     return first, last
 
 
+# The models of the result table: name -> what it is.
+MODELS = {"base": "SmolLM2 as shipped (not aligned)", "aligned": "after the alignment stage (merged)",
+          "sft": "aligned + plain SFT on the task data", "dualselect": "aligned + DualSelect on the task data"}
+COLUMNS = (("harmful", "refusal_rate", "refusal on held-out harmful (higher is safer)"),
+           ("overrefusal", "over_refusal_rate", "over-refusal on held-out benign (lower is better)"),
+           ("task", "accuracy", "task accuracy"))
+
+
+def evaluate_models(data: dict[str, Path], out: Path, aligned: Path, settings: DemoSettings, quiet: bool) -> dict:
+    """`dualselect eval` of the four models on the held-out harmful and benign prompts and the task test set;
+    {name: eval output dir}. Earlier evaluations in `out` are removed first (adapters may have changed)."""
+    benchmarks = (f"[harmful:{data['heldout_harmful']}, overrefusal:{data['heldout_benign']}, "
+                  f"task:{data['task_test']}]")
+    seen = f"[{out / 'data' / 'align_train.jsonl'}, {data['task_train']}, {data['reference']}]"
+    dirs = {}
+    for name in MODELS:
+        model = models.DEFAULT_MODEL if name == "base" else aligned
+        eval_dir = out / "eval" / name
+        if eval_dir.exists():
+            shutil.rmtree(eval_dir)
+        overrides = [f"model.name_or_path={model}", f"eval.benchmarks={benchmarks}", f"eval.train_files={seen}",
+                     f"eval.output_dir={eval_dir}", f"eval.quiet={str(quiet).lower()}", *settings.eval]
+        if name in ("sft", "dualselect"):
+            overrides.append(f"eval.adapter={out / name / 'adapter'}")
+        log.info("evaluating %s (%s)", name, MODELS[name])
+        evaluate(load_config(None, overrides, method_configs()))
+        dirs[name] = eval_dir
+    return dirs
+
+
+def result_table(rep: dict) -> str:
+    """The demo's table: per model, the three headline numbers with 95% intervals (percent)."""
+    by_kind = {c["kind"]: c for c in rep["columns"] if (c["kind"], c["metric"]) in
+               {(k, m) for k, m, _ in COLUMNS}}
+    head = ["model", *(label for _, _, label in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in rep["results"]:
+        cells = [name]
+        for kind, metric, _ in COLUMNS:
+            cell = rep["results"][name].get(by_kind[kind]["benchmark"], {}).get(metric) if kind in by_kind else None
+            cells.append("-" if not cell or cell["value"] is None else
+                         f"{100 * cell['value']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, quiet: bool = False) -> dict:
+    """Run every stage (module docstring); returns {"training": per method, "report": the comparison,
+    "table": Markdown, "plot": PNG path, "seconds": per stage}."""
     out = Path(out)
     settings = DemoSettings.quick() if quick else DemoSettings()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     data = write_demo_data(out / "data", seed=seed, n_task=settings.n_task, harmful_fraction=settings.harmful_fraction,
                            n_align_harmful=settings.n_align_harmful, n_reference=settings.n_reference)
     aligned = align(data, out, settings, seed, quiet)
+    seconds["alignment"] = time.perf_counter() - t0
     flags = {r["id"]: r.get("flag", "task") for r in read_jsonl(data["task_train"])}
     results = {}
     for method in ("sft", "dualselect"):
+        t0 = time.perf_counter()
         run_dir = out / method
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -156,14 +222,30 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
                            "loss_first": first, "loss_last": last}
         if method == "dualselect":
             results[method]["selection"] = selection_stats(run_dir, flags)
+        seconds[method] = time.perf_counter() - t0
 
-    print(f"\naligned model: {aligned}")
-    print(f"{'method':12s} {'steps':>5s} {'seconds':>7s} {'loss first 20%':>15s} {'loss last 20%':>14s}  adapter")
+    t0 = time.perf_counter()
+    eval_dirs = evaluate_models(data, out, aligned, settings, quiet)
+    rep = report.compare({name: [d] for name, d in eval_dirs.items()}, baseline="sft", seed=seed)
+    written = report.write_report(rep, out / "report")
+    seconds["evaluation"] = time.perf_counter() - t0
+    table = result_table(written["report"])
+
+    print(f"\nResult (one seed; 95% bootstrap intervals over prompts; keyword refusal judge; full report with "
+          f"paired tests: {written['markdown']})\n")
+    print(table)
+    for name, what in MODELS.items():
+        print(f"  {name:11s} {what}")
+    print(f"\nplot: {written['plot']}")
+    print(f"aligned model: {aligned}")
+    print(f"\n{'method':12s} {'steps':>5s} {'seconds':>7s} {'loss first 20%':>15s} {'loss last 20%':>14s}  adapter")
     for method, r in results.items():
         print(f"{method:12s} {r['steps']:5d} {r['seconds']:7d} {r['loss_first']:15.4f} {r['loss_last']:14.4f}  "
               f"{r['adapter']}")
     s = results["dualselect"]["selection"]
     print(f"DualSelect kept {s['kept']} of {s['seen']} task samples seen; harmful share: "
           f"{s['unsafe_share_of_batches']:.1%} of the batches, {s['unsafe_share_of_kept']:.1%} of what it kept")
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     write_jsonl(out / "summary.jsonl", [{"method": m, **r} for m, r in results.items()])
-    return results
+    return {"training": results, "report": written["report"], "table": table, "plot": written["plot"],
+            "seconds": seconds}

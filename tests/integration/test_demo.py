@@ -9,8 +9,9 @@ from dualselect.demo import run_demo
 pytestmark = pytest.mark.integration
 
 
-def test_quick_demo_trains_both_methods(tmp_path, capsys):
-    results = run_demo(tmp_path / "demo", quick=True, quiet=True)
+def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
+    demo = run_demo(tmp_path / "demo", quick=True, quiet=True)
+    results = demo["training"]
     assert set(results) == {"sft", "dualselect"}
     for method, r in results.items():
         adapter = tmp_path / "demo" / method / "adapter"
@@ -24,3 +25,15 @@ def test_quick_demo_trains_both_methods(tmp_path, capsys):
     assert sel["unsafe_share_of_batches"] == pytest.approx(5 / 24)
     out = capsys.readouterr().out
     assert "DualSelect kept 12 of 24" in out and str(tmp_path / "demo" / "dualselect" / "adapter") in out
+    # the result table: four models, three columns, each cell a value with its interval
+    rows = [ln for ln in demo["table"].splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "aligned", "sft", "dualselect"]
+    assert all(cell.strip()[0].isdigit() and "[" in cell for r in rows for cell in r.split("|")[2:5])
+    assert demo["table"] in out
+    # each model was evaluated on the same held-out prompts (4 each with --quick), with no train/test overlap
+    for name in ("base", "aligned", "sft", "dualselect"):
+        res = json.loads((tmp_path / "demo" / "eval" / name / "results.json").read_text())
+        assert [b["n"] for b in res["benchmarks"]] == [4, 4, 4]
+        assert all(b["n_overlap"] == 0 for b in res["benchmarks"])
+    assert demo["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(demo["report"]["comparisons"]) == {"base", "aligned", "dualselect"}  # each paired with sft

@@ -225,6 +225,13 @@ def test_evaluate_end_to_end_and_resume(tiny_model_dir, files, tmp_path, monkeyp
     assert (third["samples"]["resumed"], third["samples"]["generated"]) == (13, 0)
     assert [b["metrics"] for b in third["benchmarks"]] == [b["metrics"] for b in again["benchmarks"]]
 
+    # a benchmark file that changed under the same ids is refused, not mixed in
+    changed = [{**json.loads(x), "prompt": "Something else entirely."} if i == 2 else json.loads(x)
+               for i, x in enumerate(files["harmful"].read_text().splitlines())]
+    _jsonl(files["harmful"], changed)
+    with pytest.raises(DualSelectError, match="answers another prompt"):
+        evaluate(cfg)
+
     # resuming with other decoding settings is refused
     with pytest.raises(DualSelectError, match="other settings.*max_new_tokens"):
         evaluate(_cfg(tiny_model_dir, out, *_benchmarks(files), "eval.max_new_tokens=5"))

@@ -391,7 +391,12 @@ def evaluate(cfg: RunConfig) -> dict:
 
     samples = out_dir / SAMPLES
     records = read_samples(samples)
-    done = {(r["benchmark"], str(r["id"])) for r in records}
+    done = {(r["benchmark"], str(r["id"])): r.get("prompt") for r in records}
+    for b in benches:
+        for it in b.items:
+            if (b.name, it.id) in done and done[(b.name, it.id)] != it.prompt:
+                raise DualSelectError(f"{samples}: the record of {b.name} / {it.id} answers another prompt (did the "
+                                      "benchmark file change?); use another eval.output_dir or delete samples.jsonl")
     todo = [(b, [it for it in b.items if (b.name, it.id) not in done]) for b in benches]
     n_resumed = sum(len(b.items) for b in benches) - sum(len(items) for _, items in todo)
     if n_resumed:
