@@ -217,6 +217,7 @@ class EvalConfig:
         "is a number, label if the answers are a few short words, else exact match",
     )
     batch_size: int = _opt(8, "prompts per generation batch")
+    stop: list[str] = _opt([], "strings that end an answer besides the end-of-sequence token (cut off there)")
     limit: int | None = _opt(None, "score only the first N prompts of each benchmark (after the overlap filter)")
     train_files: list[str] = _opt(
         [],

@@ -17,11 +17,17 @@ from .data.formatting import generation_prompt
 from .data.records import Example
 
 
-def decoding_settings(*, template: str, max_new_tokens: int, batch_size: int) -> dict:
+def decoding_settings(*, template: str, max_new_tokens: int, batch_size: int, stop=()) -> dict:
     """What is recorded with every generated output: greedy decoding and its settings. The batch size
     is part of it because left padding can change greedy outputs slightly."""
     return {"strategy": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens, "template": template,
-            "batch_size": batch_size, "padding_side": "left", "stop": "eos_token"}
+            "batch_size": batch_size, "padding_side": "left", "stop": ["eos_token", *stop]}
+
+
+def cut_at_stop(text: str, stop) -> tuple[str, bool]:
+    """`text` up to the first occurrence of any stop string (which is dropped), and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[:min(hits)].rstrip(), True) if hits else (text, False)
 
 
 @dataclass
@@ -34,9 +40,10 @@ class Generations:
 @torch.no_grad()
 def generate_batches(model, tokenizer, prompts: list[str], *, template: str = "chat", max_new_tokens: int = 64,
                      batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext,
-                     progress=lambda it, **kw: it) -> Iterator[tuple[int, list[str], list[bool]]]:
+                     progress=lambda it, **kw: it, stop=()) -> Iterator[tuple[int, list[str], list[bool]]]:
     """Greedy completions of user prompts, one batch at a time: yields (index of the batch's first prompt,
-    texts with special tokens stripped, truncated flags)."""
+    texts with special tokens stripped, truncated flags). Generation stops at the end-of-sequence token;
+    `stop` strings also end a completion (cut_at_stop; such a completion is not truncated)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     was_training = model.training
@@ -58,7 +65,8 @@ def generate_batches(model, tokenizer, prompts: list[str], *, template: str = "c
             new = ids[:, enc["input_ids"].shape[1]:]
             # a row is cut off when it used the whole budget and never produced the end-of-sequence token
             cut = [new.shape[1] >= max_new_tokens and not bool((row == eos).any()) for row in new]
-            yield start, [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)], cut
+            outs = [cut_at_stop(t.strip(), stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            yield start, [t for t, _ in outs], [c and not stopped for c, (_, stopped) in zip(cut, outs)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -66,7 +74,7 @@ def generate_batches(model, tokenizer, prompts: list[str], *, template: str = "c
 
 def generate(model, tokenizer, prompts: list[str], *, template: str = "chat", max_new_tokens: int = 64,
              batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext, progress=lambda it, **kw: it,
-             details: bool = False):
+             details: bool = False, stop=()):
     """Greedy completions of user prompts (one string each, special tokens stripped).
 
     details=True returns `Generations` (texts, truncated flags, decoding settings) instead of the list."""
@@ -74,10 +82,10 @@ def generate(model, tokenizer, prompts: list[str], *, template: str = "chat", ma
     truncated: list[bool] = []
     for _, batch, cut in generate_batches(model, tokenizer, prompts, template=template,
                                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                                          autocast=autocast, progress=progress):
+                                          autocast=autocast, progress=progress, stop=stop):
         texts += batch
         truncated += cut
     if not details:
         return texts
     return Generations(texts, truncated, decoding_settings(template=template, max_new_tokens=max_new_tokens,
-                                                          batch_size=batch_size))
+                                                          batch_size=batch_size, stop=stop))

@@ -106,8 +106,37 @@ def test_generate_reports_truncation_and_settings(smol_tokenizer):
     out = generate(fake, smol_tokenizer, ["a", "b"], max_new_tokens=3, batch_size=2, details=True)
     assert out.truncated == [False, True]
     assert out.settings == {"strategy": "greedy", "do_sample": False, "max_new_tokens": 3, "template": "chat",
-                            "batch_size": 2, "padding_side": "left", "stop": "eos_token"}
+                            "batch_size": 2, "padding_side": "left", "stop": ["eos_token"]}
     assert generate(fake, smol_tokenizer, ["a", "b"], max_new_tokens=3) == out.texts  # plain list by default
+
+
+class _WordsLM(torch.nn.Module):
+    """generate() writes "yes ### no" until the budget runs out (never eos)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.words = tokenizer.encode("yes ### no no no no no no", add_special_tokens=False)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        new = torch.tensor([self.words[:max_new_tokens]] * len(input_ids))
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_stop_strings_end_answers(smol_tokenizer):
+    lm = _WordsLM(smol_tokenizer)
+    plain = generate(lm, smol_tokenizer, ["a", "b"], max_new_tokens=5, batch_size=2, details=True)
+    assert plain.texts[0].startswith("yes ### no") and plain.truncated == [True, True]
+    stopped = generate(lm, smol_tokenizer, ["a", "b"], max_new_tokens=5, batch_size=2, details=True, stop=["###"])
+    assert stopped.texts == ["yes", "yes"] and stopped.truncated == [False, False]  # stopped, not cut off
+    assert stopped.settings["stop"] == ["eos_token", "###"]
+
+
+def test_cut_at_stop():
+    from dualselect.generation import cut_at_stop
+
+    assert cut_at_stop("Answer: yes\nUser: more", ["\nUser:", "###"]) == ("Answer: yes", True)
+    assert cut_at_stop("a ### b \nUser:", ["\nUser:", "###"]) == ("a", True)  # the first occurrence wins
+    assert cut_at_stop("no stop here", ["###", ""]) == ("no stop here", False)
 
 
 # ---------------------------------------------------------------------------------------- benchmark files
@@ -189,7 +218,7 @@ def test_evaluate_end_to_end_and_resume(tiny_model_dir, files, tmp_path, monkeyp
     assert set(harm["shares"]) == {"truncated", "empty", "degenerate", "unparseable"}
     # decoding settings and the judge are recorded
     assert res["decoding"] == {"strategy": "greedy", "do_sample": False, "template": "chat", "batch_size": 4,
-                               "max_new_tokens": 4, "task_max_new_tokens": 2}
+                               "max_new_tokens": 4, "task_max_new_tokens": 2, "stop": ["eos_token"]}
     assert harm["decoding"]["max_new_tokens"] == 4 and task["decoding"]["max_new_tokens"] == 2
     assert res["judge"]["id"] == "keyword-v1" and "phrases" in res["judge"]
     assert res["overlap"]["train_sources"] == [{"source": str(files["train"]), "n_records": 2}]

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dualselect.errors import DualSelectError
+from dualselect.logs import write_atomic
 
 from . import metrics
 
@@ -660,25 +659,11 @@ def plot(report: dict, path, x: str | None = None, y: str | None = None) -> Path
     path = Path(path)
     data = render_plot(report, x, y)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return path
 
 
 # ------------------------------------------------------------------------------------------ files
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_report(report: dict, out_dir, x: str | None = None, y: str | None = None) -> dict:
     """Write report.json, report.md and safety_utility.png to out_dir, each atomically and only after all of
@@ -701,8 +686,8 @@ def write_report(report: dict, out_dir, x: str | None = None, y: str | None = No
     if png is None:
         (out / PLOT_PNG).unlink(missing_ok=True)
     else:
-        _write_atomic(out / PLOT_PNG, png)
-    _write_atomic(out / REPORT_MD, text_md.encode("utf-8"))
-    _write_atomic(out / REPORT_JSON, text_json.encode("utf-8"))
+        write_atomic(out / PLOT_PNG, png)
+    write_atomic(out / REPORT_MD, text_md.encode("utf-8"))
+    write_atomic(out / REPORT_JSON, text_json.encode("utf-8"))
     return {"report": report, "json": out / REPORT_JSON, "markdown": out / REPORT_MD,
             "plot": None if png is None else out / PLOT_PNG}

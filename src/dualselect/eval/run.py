@@ -4,17 +4,25 @@
 
 For each benchmark of `eval.benchmarks` (see prompts.py): load its prompts, count and (by default) leave
 out those that overlap the data the model saw, keep the first `eval.limit`, generate greedy answers in
-the training template, judge them (harmful / overrefusal: the refusal judge `eval.judge`) or grade them
-(task), and append one record per prompt to <output_dir>/samples.jsonl, a batch at a time.
+the training template, and append one record per prompt to <output_dir>/samples.jsonl, a batch at a time:
+  harmful / overrefusal: the refusal judge `eval.judge`; harmful also the harm judge `eval.harm_judge`
+                         when set (its verdict under "harm");
+  task:                  graded against the gold answer;
+  winrate:               the baseline (`eval.baseline`) answers too, and the pairwise llm judge compares
+                         the two answers in both orders (ties count half).
+Judges with a remote endpoint are checked before anything is generated (a server that is down stops the
+run in one line). Unparseable judge outputs are kept in the records, left out of rates and reported as a
+share, never counted as safe or as refusals.
 
 Resume: records already in samples.jsonl are kept and their (benchmark, id) pairs are not generated
-again; a half-written last line (an interrupted run) is dropped. settings.json holds the settings the
-records were made with (model, adapter, decoding, judge); resuming with different ones is refused.
+again; a half-written last line (an interrupted run) is dropped; a record whose prompt differs from the
+benchmark's is refused. settings.json holds the settings the records were made with (model, adapter,
+decoding, judges, baseline); resuming with different ones is refused.
 
 At the end results.json (written atomically) holds per benchmark the counts (loaded, overlapping,
 excluded, scored), the metrics with 95% bootstrap intervals over prompts, the shares of empty /
-degenerate / truncated answers, the decoding settings and the judge's describe(); results.md and the
-returned dict hold the Markdown table.
+degenerate / truncated / unparseable answers, the decoding settings and each judge's describe();
+results.md and the returned dict hold the Markdown table.
 """
 
 from __future__ import annotations
@@ -23,13 +31,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from dualselect import models
 from dualselect.config import RunConfig
 from dualselect.errors import DualSelectError
+from dualselect.logs import write_atomic
 
 from . import metrics
 from .judges import UNPARSEABLE, get_judge
@@ -50,19 +58,6 @@ def default_output_dir(cfg: RunConfig) -> Path:
         return Path(cfg.eval.adapter).expanduser().resolve().parent / "eval"
     name = re.sub(r"[^\w.-]+", "-", Path(cfg.model.name_or_path).name or cfg.model.name_or_path).strip("-")
     return Path("runs") / f"eval-{name or 'model'}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -106,7 +101,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
         if changed and (out_dir / SAMPLES).exists():
             raise DualSelectError(f"{out_dir}: its samples were made with other settings ({', '.join(changed)}); "
                                   "use another eval.output_dir (or delete samples.jsonl)")
-    _write_atomic(path, json.dumps(settings, indent=2) + "\n")
+    write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -229,7 +224,7 @@ def _batches(cfg, bench, items, loaded, progress):
     for start, texts, cut in generate_batches(
             model, tok, [it.prompt for it in items], template=cfg.data.template, max_new_tokens=budget(cfg, bench),
             batch_size=cfg.eval.batch_size, device=device, autocast=lambda: models.autocast(precision, device),
-            progress=progress):
+            progress=progress, stop=cfg.eval.stop):
         yield items[start:start + len(texts)], texts, cut
 
 
@@ -379,7 +374,7 @@ def evaluate(cfg: RunConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     decoding = {"strategy": "greedy", "do_sample": False, "template": cfg.data.template,
                 "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens,
-                "task_max_new_tokens": ev.task_max_new_tokens}
+                "task_max_new_tokens": ev.task_max_new_tokens, "stop": ["eos_token", *ev.stop]}
     model_info = {"name_or_path": cfg.model.name_or_path,
                   "adapter": str(Path(ev.adapter).expanduser().resolve()) if ev.adapter else None,
                   "precision": cfg.model.precision, "device": cfg.model.device}
@@ -448,7 +443,7 @@ def evaluate(cfg: RunConfig) -> dict:
                     "outside_selection": sum(1 for k in by_key if k not in selected)},
         "table": metrics.markdown_table(rows),
     }
-    _write_atomic(out_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out_dir / TABLE, results["table"])
+    write_atomic(out_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / TABLE, results["table"])
     results["results_path"] = str(out_dir / RESULTS)
     return results
