@@ -154,26 +154,40 @@ COLUMNS = (("harmful", "refusal_rate", "refusal on held-out harmful (higher is s
            ("task", "accuracy", "task accuracy"))
 
 
-def evaluate_models(data: dict[str, Path], out: Path, aligned: Path, settings: DemoSettings, quiet: bool) -> dict:
-    """`dualselect eval` of the four models on the held-out harmful and benign prompts and the task test set;
-    {name: eval output dir}. Earlier evaluations in `out` are removed first (adapters may have changed)."""
+def evaluate_model(data: dict[str, Path], out: Path, model, adapter: Path | None, eval_dir: Path,
+                   settings: DemoSettings, quiet: bool) -> Path:
+    """`dualselect eval` of one model (+ adapter) on the held-out harmful and benign prompts and the task test
+    set, into a fresh `eval_dir` (an earlier evaluation there is removed: its adapter may have changed)."""
     benchmarks = (f"[harmful:{data['heldout_harmful']}, overrefusal:{data['heldout_benign']}, "
                   f"task:{data['task_test']}]")
     seen = f"[{out / 'data' / 'align_train.jsonl'}, {data['task_train']}, {data['reference']}]"
-    dirs = {}
-    for name in MODELS:
-        model = models.DEFAULT_MODEL if name == "base" else aligned
-        eval_dir = out / "eval" / name
-        if eval_dir.exists():
-            shutil.rmtree(eval_dir)
-        overrides = [f"model.name_or_path={model}", f"eval.benchmarks={benchmarks}", f"eval.train_files={seen}",
-                     f"eval.output_dir={eval_dir}", f"eval.quiet={str(quiet).lower()}", *settings.eval]
-        if name in ("sft", "dualselect"):
-            overrides.append(f"eval.adapter={out / name / 'adapter'}")
-        log.info("evaluating %s (%s)", name, MODELS[name])
-        evaluate(load_config(None, overrides, method_configs()))
-        dirs[name] = eval_dir
-    return dirs
+    if eval_dir.exists():
+        shutil.rmtree(eval_dir)
+    overrides = [f"model.name_or_path={model}", f"eval.benchmarks={benchmarks}", f"eval.train_files={seen}",
+                 f"eval.output_dir={eval_dir}", f"eval.quiet={str(quiet).lower()}", *settings.eval]
+    if adapter is not None:
+        overrides.append(f"eval.adapter={adapter}")
+    evaluate(load_config(None, overrides, method_configs()))
+    return eval_dir
+
+
+def train_task(method: str, data: dict[str, Path], aligned: Path, run_dir: Path, settings: DemoSettings, seed: int,
+               quiet: bool, flags: dict[str, str]) -> dict:
+    """The task stage: `method` (sft | dualselect) on the aligned model, into a fresh `run_dir`; its summary."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    overrides = [f"model.name_or_path={aligned}", f"data.task={data['task_train']}",
+                 f"data.reference={data['reference']}", f"train.method={method}", f"train.output_dir={run_dir}",
+                 f"train.seed={seed}", f"train.quiet={str(quiet).lower()}", *settings.task]
+    if method == "dualselect":
+        overrides += settings.dualselect
+    res = train(load_config(None, overrides, method_configs()))
+    first, last = _losses(run_dir)
+    summary = {"adapter": str(res.adapter_dir), "steps": res.steps, "seconds": round(res.seconds),
+               "loss_first": first, "loss_last": last}
+    if method == "dualselect":
+        summary["selection"] = selection_stats(run_dir, flags)
+    return summary
 
 
 def result_table(rep: dict) -> str:
@@ -207,25 +221,17 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, 
     results = {}
     for method in ("sft", "dualselect"):
         t0 = time.perf_counter()
-        run_dir = out / method
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        overrides = [f"model.name_or_path={aligned}", f"data.task={data['task_train']}",
-                     f"data.reference={data['reference']}", f"train.method={method}", f"train.output_dir={run_dir}",
-                     f"train.seed={seed}", f"train.quiet={str(quiet).lower()}", *settings.task]
-        if method == "dualselect":
-            overrides += settings.dualselect
         log.info("task stage: %s", method)
-        res = train(load_config(None, overrides, method_configs()))
-        first, last = _losses(run_dir)
-        results[method] = {"adapter": str(res.adapter_dir), "steps": res.steps, "seconds": round(res.seconds),
-                           "loss_first": first, "loss_last": last}
-        if method == "dualselect":
-            results[method]["selection"] = selection_stats(run_dir, flags)
+        results[method] = train_task(method, data, aligned, out / method, settings, seed, quiet, flags)
         seconds[method] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    eval_dirs = evaluate_models(data, out, aligned, settings, quiet)
+    eval_dirs = {}
+    for name, what in MODELS.items():
+        log.info("evaluating %s (%s)", name, what)
+        model = models.DEFAULT_MODEL if name == "base" else aligned
+        adapter = out / name / "adapter" if name in results else None
+        eval_dirs[name] = evaluate_model(data, out, model, adapter, out / "eval" / name, settings, quiet)
     rep = report.compare({name: [d] for name, d in eval_dirs.items()}, baseline="sft", seed=seed)
     written = report.write_report(rep, out / "report")
     seconds["evaluation"] = time.perf_counter() - t0

@@ -138,7 +138,7 @@ def test_killed_server_gives_the_one_line_error(tmp_path):
         j.judge(PROMPT, REFUSAL)
     msg = str(e.value)
     assert msg == (f"llm judge: cannot reach {base}/chat/completions after 2 attempts: connection refused "
-                   "(is the server running? see eval.judge_options.endpoint)")
+                   "(is the server running? see the judge's endpoint option)")
     with pytest.raises(DualSelectError) as e:
         j.check()  # what dualselect eval calls before generating anything
     assert str(e.value) == msg

@@ -464,8 +464,8 @@ def test_llm_judge_errors(tiny_model_dir, files, tmp_path):
     msg = _error(tiny_model_dir, tmp_path, harmful, "eval.harm_judge=llm",
                  f"eval.harm_judge_options={{endpoint: '{down}', retries: 1, backoff_s: 0.01}}")
     assert msg == (f"llm judge: cannot reach {down}/chat/completions after 2 attempts: connection refused "
-                   "(is the server running? see eval.judge_options.endpoint)")
-    assert not (tmp_path / "err" / "samples.jsonl").exists()  # checked before anything was generated
+                   "(is the server running? see the judge's endpoint option)")
+    assert not (tmp_path / "err").exists()  # checked before anything was written
     msg = _error(tiny_model_dir, tmp_path, harmful, "eval.judge=llm", f"eval.judge_options={{endpoint: '{down}'}}")
     assert "eval.judge: judge llm-guard-v1@default measures harm, not refusal" in msg
     msg = _error(tiny_model_dir, tmp_path, harmful, "eval.harm_judge=keyword")

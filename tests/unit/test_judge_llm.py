@@ -378,7 +378,7 @@ def test_endpoint_down_one_line():
         j.judge(PROMPT, RESPONSE)
     msg = str(e.value)
     assert msg == (f"llm judge: cannot reach {url}/chat/completions after 3 attempts: connection refused "
-                   "(is the server running? see eval.judge_options.endpoint)")
+                   "(is the server running? see the judge's endpoint option)")
     assert j.backend.attempts == 3
     with pytest.raises(DualSelectError, match="cannot reach"):
         j.compare(PROMPT, "a", "b")

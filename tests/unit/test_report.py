@@ -392,3 +392,11 @@ def test_cli_report_missing_dir(tmp_path, capsys):
     assert main(["report", f"sft={tmp_path / 'missing'}", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing" in err and "results.json" in err
+
+
+def test_short_names_of_benchmarks():
+    from dualselect.eval.report import short_name
+
+    assert short_name("harmful:runs/demo/data/heldout_harmful.jsonl") == "harmful:heldout_harmful"
+    assert short_name("task:test.csv.gz") == "task:test"
+    assert short_name("task:sst2:dev") == "task:sst2:dev" and short_name("harmful:advbench") == "harmful:advbench"

@@ -510,6 +510,14 @@ def compare(runs: dict[str, list[Path]], baseline: str | None = None, resamples:
 
 # ------------------------------------------------------------------------------------------ Markdown
 
+def short_name(benchmark: str) -> str:
+    """A benchmark's name for tables and plots: a file source by its stem ("harmful:runs/x/heldout.jsonl" ->
+    "harmful:heldout"); named datasets as they are. report.json keeps the full names."""
+    kind, _, source = benchmark.partition(":")
+    path = Path(source)
+    return f"{kind}:{path.name.split('.')[0]}" if source and (path.suffix or "/" in source) else benchmark
+
+
 def _pct(x: float | None, signed: bool = False) -> str:
     return "-" if x is None else f"{100 * x:{'+' if signed else ''}.1f}"
 
@@ -545,12 +553,12 @@ def markdown(report: dict) -> str:
             cells.append("-" if cell is None else
                          f"{_pct(cell['value'])} {_interval(cell['ci95'])}{' *' if cell['warning'] else ''}")
         rows.append(cells)
-    lines += _table(["method", "seeds", *(f"{c['benchmark']} {c['label']}" for c in cols)], rows)
+    lines += _table(["method", "seeds", *(f"{short_name(c['benchmark'])} {c['label']}" for c in cols)], rows)
 
     lines += ["", f"## Paired differences vs {base}", "",
               (f"Method minus {base} in percentage points over the prompts both have (per prompt the mean over "
                "seeds), 95% bootstrap interval over prompts, p from a two-sided sign-flip permutation test."), ""]
-    rows = [[method, col["benchmark"], col["label"], str(c["n_prompts"]), _pct(c["mean_difference"], True),
+    rows = [[method, short_name(col["benchmark"]), col["label"], str(c["n_prompts"]), _pct(c["mean_difference"], True),
              _interval(c["ci95"], True), _p(c["p_value"]), c["test"]]
             for method, by_bench in report["comparisons"].items() for col in cols
             if (c := by_bench.get(col["benchmark"], {}).get(col["metric"])) is not None]
@@ -558,6 +566,9 @@ def markdown(report: dict) -> str:
         if rows else ["(no other method to compare)"]
 
     notes = list(report["warnings"])
+    renamed = [f"{short_name(b)} = {b}" for b in report["benchmarks"] if short_name(b) != b]
+    if renamed:
+        notes.append("benchmarks: " + "; ".join(renamed))
     notes.append(", ".join(f"{label}: {report[key]}" for key, label in
                            (("judge", "judge"), ("harm_judge", "harm judge"), ("pairwise_judge", "pairwise judge"))
                            if report.get(key)))
@@ -638,14 +649,16 @@ def render_plot(report: dict, x: str | None = None, y: str | None = None) -> byt
             if cell and cell["value"] is not None:
                 where = f" ({col['benchmark']})" if len(over) > 1 else ""
                 text.append(f"over-refusal{where} {_pct(cell['value'])}%")
-        ax.annotate("\n".join(text), (px, py), xytext=(6, 6), textcoords="offset points", fontsize=8)
+        right = px > 70  # labels of points near the right edge go to their left
+        ax.annotate("\n".join(text), (px, py), xytext=(-6 if right else 6, 6), textcoords="offset points",
+                    fontsize=8, ha="right" if right else "left")
         plotted += 1
     if not plotted:
         raise DualSelectError(f"plot: no method has both {xcol['key']} and {ycol['key']}")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
-    ax.set_xlabel(f"{xcol['benchmark']} {xcol['label']} (%)")
-    ax.set_ylabel(f"{ycol['benchmark']} {ycol['label']} (%)")
+    ax.set_xlabel(f"{short_name(xcol['benchmark'])} {xcol['label']} (%)")
+    ax.set_ylabel(f"{short_name(ycol['benchmark'])} {ycol['label']} (%)")
     ax.set_title(f"Safety vs utility: mean of {_seeds_text(report)}, 95% intervals")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -91,6 +91,7 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to add to samples made with other settings (reads only; write_settings records them)."""
     path = out_dir / SETTINGS
     if path.exists():
         try:
@@ -101,7 +102,6 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
         if changed and (out_dir / SAMPLES).exists():
             raise DualSelectError(f"{out_dir}: its samples were made with other settings ({', '.join(changed)}); "
                                   "use another eval.output_dir (or delete samples.jsonl)")
-    write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -371,18 +371,18 @@ def evaluate(cfg: RunConfig) -> dict:
                               limit=ev.limit, task_grader=ev.task_grader) for spec in ev.benchmarks]
 
     out_dir = Path(ev.output_dir).expanduser() if ev.output_dir else default_output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     decoding = {"strategy": "greedy", "do_sample": False, "template": cfg.data.template,
                 "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens,
                 "task_max_new_tokens": ev.task_max_new_tokens, "stop": ["eos_token", *ev.stop]}
     model_info = {"name_or_path": cfg.model.name_or_path,
                   "adapter": str(Path(ev.adapter).expanduser().resolve()) if ev.adapter else None,
                   "precision": cfg.model.precision, "device": cfg.model.device}
-    _check_settings(out_dir, {**{f"model.{k}": v for k, v in model_info.items() if k != "device"},
-                              **{f"decoding.{k}": v for k, v in decoding.items()},
-                              "judge": judge.id, "task_grader": ev.task_grader,
-                              **({"harm_judge": harm_judge.id} if harm_judge else {}),
-                              **({"pairwise_judge": pairwise.id, "baseline": _baseline_id(ev)} if pairwise else {})})
+    settings = {**{f"model.{k}": v for k, v in model_info.items() if k != "device"},
+                **{f"decoding.{k}": v for k, v in decoding.items()},
+                "judge": judge.id, "task_grader": ev.task_grader,
+                **({"harm_judge": harm_judge.id} if harm_judge else {}),
+                **({"pairwise_judge": pairwise.id, "baseline": _baseline_id(ev)} if pairwise else {})}
+    _check_settings(out_dir, settings)
 
     samples = out_dir / SAMPLES
     records = read_samples(samples)
@@ -400,7 +400,9 @@ def evaluate(cfg: RunConfig) -> dict:
     if any(items for _, items in todo):
         from tqdm.auto import tqdm
 
-        _check_reachable(judge, harm_judge, pairwise)
+        _check_reachable(judge, harm_judge, pairwise)  # before anything is written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / SETTINGS, json.dumps(settings, indent=2) + "\n")
         loaded = load_for_eval(cfg)
 
         def progress(it, **kw):

@@ -295,9 +295,9 @@ class HTTPBackend:
                 attempts = f"after {tries} attempt{'s' if tries > 1 else ''}"
                 if e.answered:
                     raise DualSelectError(f"llm judge: {self.url} kept failing {attempts}: {e} "
-                                          "(see eval.judge_options.endpoint)") from None
-                hint = ("(is the server running and fast enough? see eval.judge_options.timeout_s)"
-                        if "timeout_s" in str(e) else "(is the server running? see eval.judge_options.endpoint)")
+                                          "(see the judge's endpoint option)") from None
+                hint = ("(is the server running and fast enough? see the judge's timeout_s option)"
+                        if "timeout_s" in str(e) else "(is the server running? see the judge's endpoint option)")
                 raise DualSelectError(f"llm judge: cannot reach {self.url} {attempts}: {e} {hint}") from None
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
@@ -326,7 +326,7 @@ class HTTPBackend:
                 cause = self._cause(e.reason if isinstance(e, urllib.error.URLError) else e)
                 raise DualSelectError(f"llm judge: cannot reach {self.url} after {tries} attempt"
                                       f"{'s' if tries > 1 else ''}: {cause} (is the server running? see "
-                                      "eval.judge_options.endpoint)") from None
+                                      "the judge's endpoint option)") from None
 
     def describe(self) -> dict:
         return {"type": "endpoint", "url": self.url, "model": self.model, "api_key_env": self.api_key_env}
@@ -381,8 +381,8 @@ class LLMJudge:
         if style not in STYLES:
             raise DualSelectError(f"llm judge: style must be one of {', '.join(STYLES)}, got {style!r}")
         if bool(endpoint) == bool(local_model):
-            raise DualSelectError("llm judge: set exactly one of eval.judge_options.endpoint (an OpenAI-compatible "
-                                  "server, e.g. http://127.0.0.1:8080/v1) and eval.judge_options.local_model")
+            raise DualSelectError("llm judge: set exactly one of the options endpoint (an OpenAI-compatible server, "
+                                  "e.g. http://127.0.0.1:8080/v1) and local_model")
         if not (isinstance(retries, int) and retries >= 0) or not (isinstance(max_tokens, int) and max_tokens >= 1):
             raise DualSelectError("llm judge: retries must be an integer >= 0 and max_tokens an integer >= 1")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0) or not (
