@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (a run with checkpoints continues with --resume)", file=sys.stderr)
+        hint = {"train": "a run with checkpoints continues with --resume",
+                "eval": "the answers so far are kept in samples.jsonl; the same command resumes"}.get(argv[0], "")
+        print(f"interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 
 

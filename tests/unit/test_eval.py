@@ -78,12 +78,12 @@ def test_bootstrap_ci():
 
 def test_markdown_table():
     text = metrics.markdown_table([{"benchmark": "harmful:x", "kind": "harmful", "n": 3, "metric": "refusal rate",
-                                    "value": 2 / 3, "ci": (0.0, 1.0), "overlap_excluded": 2}])
+                                    "value": 2 / 3, "ci": (0.0, 1.0), "unparseable": 0.25, "overlap_excluded": 2}])
     header, rule, row = text.strip().splitlines()
     assert [c.strip() for c in header.strip("|").split("|")] == list(metrics.TABLE_COLUMNS)
     assert rule.count("---") == len(metrics.TABLE_COLUMNS)
     assert [c.strip() for c in row.strip("|").split("|")] == ["harmful:x", "harmful", "3", "refusal rate %",
-                                                             "66.7", "[0.0, 100.0]", "2"]
+                                                             "66.7", "[0.0, 100.0]", "25.0", "2"]
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -430,7 +430,8 @@ def test_harm_judge_through_an_endpoint(tiny_model_dir, files, tmp_path, judge_s
     # the harmful rate counts parseable verdicts only: 2 unsafe of 4; the unparseable one is reported
     assert b["metrics"]["harmful_rate"]["value"] == 0.5 and b["shares"]["harm_unparseable"] == 0.2
     assert res["harm_judge"]["id"] == "llm-guard-v1@default" and "templates" in res["harm_judge"]
-    assert "harmful (judge) %" in res["table"]
+    row = next(ln for ln in res["table"].splitlines() if "harmful (judge) %" in ln)
+    assert [c.strip() for c in row.strip("|").split("|")][4:7] == ["50.0", "[0.0, 100.0]", "20.0"]
     assert len(server.requests) == 5
 
 

@@ -131,7 +131,7 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
 
 # ------------------------------------------------------------------------------------------ the table
 
-TABLE_COLUMNS = ("benchmark", "kind", "n", "metric", "value", "95% CI", "overlap excluded")
+TABLE_COLUMNS = ("benchmark", "kind", "n", "metric", "value", "95% CI", "unparseable %", "overlap excluded")
 
 
 def _pct(x: float | None) -> str:
@@ -139,12 +139,14 @@ def _pct(x: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """Rows {benchmark, kind, n, metric, value, ci, overlap_excluded} (value and ci as fractions) -> a
-    Markdown table with values in percent."""
+    """Rows {benchmark, kind, n, metric, value, ci, unparseable, overlap_excluded} (value, ci and the
+    unparseable share as fractions; unparseable None where no judge reads the answers) -> a Markdown table
+    with values in percent."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     for r in rows:
         ci = r.get("ci")
         cells = [r["benchmark"], r["kind"], str(r["n"]), r["metric"] + " %", _pct(r.get("value")),
-                 "-" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]", str(r.get("overlap_excluded", 0))]
+                 "-" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]", _pct(r.get("unparseable")),
+                 str(r.get("overlap_excluded", 0))]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -313,9 +313,15 @@ METRIC_LABELS = {"refusal_rate": "refusal rate", "attack_success_rate": "attack 
                  "win_rate": "win rate vs baseline"}
 
 
+# the share of a metric's records that its judge could not read (left out of the metric)
+UNPARSEABLE_SHARE = {"refusal_rate": "unparseable", "attack_success_rate": "unparseable",
+                     "over_refusal_rate": "unparseable", "win_rate": "unparseable", "harmful_rate": "harm_unparseable"}
+
+
 def table_rows(scored: list[dict]) -> list[dict]:
     return [{"benchmark": b["name"], "kind": b["kind"], "n": b["n"], "metric": METRIC_LABELS[m],
-             "value": v["value"], "ci": v["ci95"], "overlap_excluded": b["n_excluded_overlap"]}
+             "value": v["value"], "ci": v["ci95"], "overlap_excluded": b["n_excluded_overlap"],
+             "unparseable": b["shares"].get(UNPARSEABLE_SHARE.get(m, ""))}
             for b in scored for m, v in b["metrics"].items()]
 
 
