@@ -38,18 +38,20 @@ class Generations:
 
 
 @torch.no_grad()
-def generate_batches(model, tokenizer, prompts: list[str], *, template: str = "chat", max_new_tokens: int = 64,
-                     batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext,
+def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, template: str = "chat",
+                     max_new_tokens: int = 64, batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext,
                      progress=lambda it, **kw: it, stop=()) -> Iterator[tuple[int, list[str], list[bool]]]:
     """Greedy completions of user prompts, one batch at a time: yields (index of the batch's first prompt,
-    texts with special tokens stripped, truncated flags). Generation stops at the end-of-sequence token;
-    `stop` strings also end a completion (cut_at_stop; such a completion is not truncated)."""
+    texts with special tokens stripped, truncated flags). A prompt is a user message, or a conversation (a
+    list of {role, content} messages; a final assistant message is left out) answered as its next turn.
+    Generation stops at the end-of-sequence token; `stop` strings also end a completion (cut_at_stop; such a
+    completion is not truncated)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     was_training = model.training
     model.eval()
-    texts = [generation_prompt(Example(str(i), [{"role": "user", "content": p}]), tokenizer, template)
-             for i, p in enumerate(prompts)]
+    conversations = [list(p) if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+    texts = [generation_prompt(Example(str(i), c), tokenizer, template) for i, c in enumerate(conversations)]
     add_special = template == "plain"
     eos = tokenizer.eos_token_id
     side = tokenizer.padding_side
@@ -72,7 +74,7 @@ def generate_batches(model, tokenizer, prompts: list[str], *, template: str = "c
         model.train(was_training)
 
 
-def generate(model, tokenizer, prompts: list[str], *, template: str = "chat", max_new_tokens: int = 64,
+def generate(model, tokenizer, prompts: list[str | list[dict]], *, template: str = "chat", max_new_tokens: int = 64,
              batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext, progress=lambda it, **kw: it,
              details: bool = False, stop=()):
     """Greedy completions of user prompts (one string each, special tokens stripped).

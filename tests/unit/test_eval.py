@@ -474,3 +474,36 @@ def test_llm_judge_errors(tiny_model_dir, files, tmp_path):
     assert "need eval.baseline" in _error(tiny_model_dir, tmp_path, f"eval.benchmarks=[winrate:{files['benign']}]")
     assert "compares the model with itself" in _error(tiny_model_dir, tmp_path, "eval.baseline=none",
                                                       f"eval.benchmarks=[winrate:{files['benign']}]")
+
+
+class _EchoLM(torch.nn.Module):
+    """Records the prompts it is given; answers with eos at once."""
+
+    def __init__(self, eos):
+        super().__init__()
+        self.eos, self.inputs = eos, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        self.inputs.append(input_ids)
+        return torch.cat([input_ids, torch.full((len(input_ids), 1), self.eos)], dim=1)
+
+
+def test_multi_turn_records_are_answered_in_their_conversation(smol_tokenizer, tiny_model_dir, tmp_path):
+    turns = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"},
+             {"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Ada."}]
+    path = _jsonl(tmp_path / "chat.jsonl", [{"id": "c1", "messages": turns},
+                                            {"id": "c2", "messages": turns[2:]}])
+    bench = load_benchmark(f"harmful:{path}")
+    multi, single = bench.items
+    assert multi.prompt == single.prompt == "What is my name?"
+    assert multi.messages == turns[:3] and single.messages is None and single.conversation == "What is my name?"
+    lm = _EchoLM(smol_tokenizer.eos_token_id)
+    generate(lm, smol_tokenizer, [it.conversation for it in bench.items], max_new_tokens=2, batch_size=2)
+    shown = smol_tokenizer.batch_decode(lm.inputs[0], skip_special_tokens=True)
+    assert "My name is Ada." in shown[0] and "Hello Ada!" in shown[0] and "What is my name?" in shown[0]
+    assert "Ada." not in shown[1].replace("What is my name?", "")
+    # the records keep the earlier turns next to the judged prompt
+    out = tmp_path / "mt"
+    evaluate(_cfg(tiny_model_dir, out, f"eval.benchmarks=[harmful:{path}]"))
+    recs = {r["id"]: r for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
+    assert recs["c1"]["context"] == turns[:2] and "context" not in recs["c2"]

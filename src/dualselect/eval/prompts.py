@@ -9,6 +9,9 @@ SOURCE is a named dataset (advbench, harmbench_val, xstest:safe, sst2:dev, ag_ne
 or a data file. Task files need an `answer` column; named task sets bring their own answers and graders
 (SST-2 / AG News: label words, GSM8K: the number after ####).
 
+Multi-turn records (HH-RLHF transcripts, chat files) are answered as the next turn of their conversation;
+their last user message is the prompt that is judged and compared.
+
 Overlap: a benchmark prompt overlaps the data the model saw when its key (lower case, punctuation removed,
 whitespace collapsed) equals the key of a user message there. Overlapping prompts are counted and, unless
 kept, left out before `limit` takes the first N.
@@ -41,8 +44,14 @@ MAX_AUTO_LABELS = 20  # a file whose answers are at most this many distinct shor
 @dataclass
 class Item:
     id: str
-    prompt: str
+    prompt: str  # the last user message (judged, compared for overlap)
     gold: str | None = None
+    messages: list[dict] | None = None  # multi-turn records: the whole conversation the answer continues
+
+    @property
+    def conversation(self) -> str | list[dict]:
+        """What the model answers: the conversation of a multi-turn record, else the prompt."""
+        return self.messages or self.prompt
 
 
 @dataclass
@@ -157,6 +166,13 @@ def choose_grader(source: str, golds: list[str], grader: str = "auto") -> tuple[
 
 # ------------------------------------------------------------------------------------------ loading
 
+def _context(ex: Example) -> list[dict] | None:
+    """The turns a multi-turn record's answer continues (its final assistant message left out); None for a
+    single user message."""
+    turns = ex.messages[:-1] if ex.messages and ex.messages[-1]["role"] == "assistant" else ex.messages
+    return [dict(m) for m in turns] if len(turns) > 1 else None
+
+
 def load_benchmark(spec: str, *, data_dir: str | None = None, seen: set[str] | None = None,
                    keep_overlap: bool = False, limit: int | None = None, task_grader: str = "auto") -> Benchmark:
     """Load one benchmark: its prompts (and gold answers for tasks), the overlap with `seen` (keys from
@@ -178,7 +194,7 @@ def load_benchmark(spec: str, *, data_dir: str | None = None, seen: set[str] | N
         grader, labels = choose_grader(source, golds, task_grader)
     seen = seen or set()
     overlapping = [overlap_key(ex.prompt) in seen for ex in examples]
-    items = [Item(ex.id, ex.prompt, gold) for ex, gold, hit in zip(examples, golds, overlapping)
+    items = [Item(ex.id, ex.prompt, gold, _context(ex)) for ex, gold, hit in zip(examples, golds, overlapping)
              if keep_overlap or not hit]
     if limit is not None:
         items = items[:limit]

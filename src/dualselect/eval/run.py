@@ -185,11 +185,18 @@ def judge_many(judge, prompts: list[str], responses: list[str], truncated: list[
     return [judge.judge(p, r, truncated=t) for p, r, t in zip(prompts, responses, truncated)]
 
 
+def _record(bench: Benchmark, item, response: str, truncated: bool) -> dict:
+    rec = {"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
+           "response": response, "truncated": bool(truncated)}
+    if item.messages:
+        rec["context"] = item.messages[:-1]  # the turns before the prompt (multi-turn records)
+    return rec
+
+
 def make_record(bench: Benchmark, item, response: str, truncated: bool, verdict=None, harm=None) -> dict:
     """One sample record. verdict: the refusal judge's Verdict (harmful / overrefusal); harm: the harm
     judge's Verdict (harmful benchmarks with eval.harm_judge), stored under "harm"."""
-    rec = {"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
-           "response": response, "truncated": bool(truncated)}
+    rec = _record(bench, item, response, truncated)
     if bench.kind == "task":
         if bench.grader == "label":
             correct, pred = metrics.grade_label(response, item.gold, bench.labels)
@@ -222,9 +229,9 @@ def _batches(cfg, bench, items, loaded, progress):
     from dualselect.generation import generate_batches
 
     for start, texts, cut in generate_batches(
-            model, tok, [it.prompt for it in items], template=cfg.data.template, max_new_tokens=budget(cfg, bench),
-            batch_size=cfg.eval.batch_size, device=device, autocast=lambda: models.autocast(precision, device),
-            progress=progress, stop=cfg.eval.stop):
+            model, tok, [it.conversation for it in items], template=cfg.data.template,
+            max_new_tokens=budget(cfg, bench), batch_size=cfg.eval.batch_size, device=device,
+            autocast=lambda: models.autocast(precision, device), progress=progress, stop=cfg.eval.stop):
         yield items[start:start + len(texts)], texts, cut
 
 
@@ -252,8 +259,7 @@ def _winrate_into(cfg, bench, items, loaded, baseline, pairwise, fh, progress) -
     n = 0
     for (item, text, cut), (base_text, base_cut) in zip(answers, base):
         res = pairwise.compare(item.prompt, text, base_text)
-        _write(fh, [{"benchmark": bench.name, "kind": bench.kind, "id": item.id, "prompt": item.prompt,
-                     "response": text, "truncated": bool(cut), "baseline_response": base_text,
+        _write(fh, [{**_record(bench, item, text, cut), "baseline_response": base_text,
                      "baseline_truncated": bool(base_cut), "verdict": res["verdict"], "win": res["score"],
                      "judge": pairwise.id, "detail": {"orders": res["orders"]}}])
         n += 1
