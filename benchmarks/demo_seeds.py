@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from dualselect.demo import DemoSettings, evaluate_model, train_task
+from dualselect.demo_data import demo_files
 from dualselect.errors import DualSelectError
 from dualselect.eval import report
 from dualselect.logs import read_jsonl
@@ -40,9 +41,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     demo = Path(args.demo)
-    names = ("align_harmful", "align_benign_prompts", "task_train", "task_test", "reference", "heldout_harmful",
-             "heldout_benign")
-    data = {name: demo / "data" / f"{name}.jsonl" for name in names}
+    data = demo_files(demo / "data")
     missing = [str(p) for p in [*data.values(), *(demo / m / "adapter" / "adapter_config.json" for m in METHODS),
                                 demo / "eval" / "aligned" / "results.json", demo / "sft" / "config.yaml"] if not p.is_file()]
     if missing:

@@ -200,8 +200,7 @@ def result_table(rep: dict) -> str:
         cells = [name]
         for kind, metric, _ in COLUMNS:
             cell = rep["results"][name].get(by_kind[kind]["benchmark"], {}).get(metric) if kind in by_kind else None
-            cells.append("-" if not cell or cell["value"] is None else
-                         f"{100 * cell['value']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}]")
+            cells.append(report.cell_text(cell))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

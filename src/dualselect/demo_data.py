@@ -1184,6 +1184,16 @@ def _chat(user: str, assistant: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
+# The files write_demo_data writes, as <name>.jsonl in its out_dir.
+DEMO_FILES = ("align_harmful", "align_benign_prompts", "task_train", "task_test", "reference", "heldout_harmful",
+              "heldout_benign")
+
+
+def demo_files(out_dir: Path) -> dict[str, Path]:
+    """{name: path} of the demo's data files in `out_dir` (as write_demo_data returns them)."""
+    return {name: Path(out_dir) / f"{name}.jsonl" for name in DEMO_FILES}
+
+
 def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fraction: float = 0.2,
                     n_task_test: int = 200, *, n_align_harmful: int = 220, n_reference: int = 100,
                     n_heldout_harmful: int = 110) -> dict[str, Path]:
@@ -1267,9 +1277,7 @@ def write_demo_data(out_dir: Path, seed: int = 0, n_task: int = 400, harmful_fra
         "heldout_harmful": rows_held_h,
         "heldout_benign": rows_held_b,
     }
-    out: dict[str, Path] = {}
+    out = demo_files(out_dir)
     for name, rows in files.items():
-        p = out_dir / f"{name}.jsonl"
-        write_jsonl(p, rows)
-        out[name] = p
+        write_jsonl(out[name], rows)
     return out

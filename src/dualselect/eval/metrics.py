@@ -134,8 +134,14 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
 TABLE_COLUMNS = ("benchmark", "kind", "n", "metric", "value", "95% CI", "unparseable %", "overlap excluded")
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def pct(x: float | None, signed: bool = False) -> str:
+    """A fraction in percent with one decimal ("-" for None); signed: with a leading + or -."""
+    return "-" if x is None else f"{100 * x:{'+' if signed else ''}.1f}"
+
+
+def interval_text(ci, signed: bool = False) -> str:
+    """A 95% interval (fractions) as "[lo, hi]" in percent; "-" for none."""
+    return "-" if not ci else f"[{pct(ci[0], signed)}, {pct(ci[1], signed)}]"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -145,8 +151,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     for r in rows:
         ci = r.get("ci")
-        cells = [r["benchmark"], r["kind"], str(r["n"]), r["metric"] + " %", _pct(r.get("value")),
-                 "-" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]", _pct(r.get("unparseable")),
+        cells = [r["benchmark"], r["kind"], str(r["n"]), r["metric"] + " %", pct(r.get("value")),
+                 interval_text(ci), pct(r.get("unparseable")),
                  str(r.get("overlap_excluded", 0))]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -36,6 +36,8 @@ from dualselect.errors import DualSelectError
 from dualselect.logs import write_atomic
 
 from . import metrics
+from .judges import UNPARSEABLE
+from .metrics import interval_text, pct
 
 RESULTS, SAMPLES = "results.json", "samples.jsonl"
 REPORT_JSON, REPORT_MD, PLOT_PNG = "report.json", "report.md", "safety_utility.png"
@@ -44,7 +46,6 @@ CONFIDENCE = 0.95
 MIN_SEEDS = 3
 SEEDS_WARNING = f"fewer than {MIN_SEEDS} seeds"
 EXACT_MAX = 16  # sign-flip test: all 2^m sign patterns are enumerated up to this many non-zero differences
-UNPARSEABLE = "unparseable"
 
 
 # ------------------------------------------------------------------------------------------ per-record values
@@ -518,12 +519,9 @@ def short_name(benchmark: str) -> str:
     return f"{kind}:{path.name.split('.')[0]}" if source and (path.suffix or "/" in source) else benchmark
 
 
-def _pct(x: float | None, signed: bool = False) -> str:
-    return "-" if x is None else f"{100 * x:{'+' if signed else ''}.1f}"
-
-
-def _interval(ci, signed: bool = False) -> str:
-    return "-" if not ci else f"[{_pct(ci[0], signed)}, {_pct(ci[1], signed)}]"
+def cell_text(cell: dict | None) -> str:
+    """One result cell as "91.0 [85.0, 96.0]" (percent; "-" for none)."""
+    return "-" if not cell or cell["value"] is None else f"{pct(cell['value'])} {interval_text(cell['ci95'])}"
 
 
 def _p(p: float | None) -> str:
@@ -550,16 +548,15 @@ def markdown(report: dict) -> str:
         cells = [method, str(info["n_seeds"])]
         for col in cols:
             cell = results[method].get(col["benchmark"], {}).get(col["metric"])
-            cells.append("-" if cell is None else
-                         f"{_pct(cell['value'])} {_interval(cell['ci95'])}{' *' if cell['warning'] else ''}")
+            cells.append(cell_text(cell) + (" *" if cell and cell["warning"] else ""))
         rows.append(cells)
     lines += _table(["method", "seeds", *(f"{short_name(c['benchmark'])} {c['label']}" for c in cols)], rows)
 
     lines += ["", f"## Paired differences vs {base}", "",
               (f"Method minus {base} in percentage points over the prompts both have (per prompt the mean over "
                "seeds), 95% bootstrap interval over prompts, p from a two-sided sign-flip permutation test."), ""]
-    rows = [[method, short_name(col["benchmark"]), col["label"], str(c["n_prompts"]), _pct(c["mean_difference"], True),
-             _interval(c["ci95"], True), _p(c["p_value"]), c["test"]]
+    rows = [[method, short_name(col["benchmark"]), col["label"], str(c["n_prompts"]), pct(c["mean_difference"], True),
+             interval_text(c["ci95"], True), _p(c["p_value"]), c["test"]]
             for method, by_bench in report["comparisons"].items() for col in cols
             if (c := by_bench.get(col["benchmark"], {}).get(col["metric"])) is not None]
     lines += _table(["method", "benchmark", "metric", "prompts", "difference", "95% CI", "p", "test"], rows) \
@@ -648,7 +645,7 @@ def render_plot(report: dict, x: str | None = None, y: str | None = None) -> byt
             cell = cells.get(col["benchmark"], {}).get(col["metric"])
             if cell and cell["value"] is not None:
                 where = f" ({col['benchmark']})" if len(over) > 1 else ""
-                text.append(f"over-refusal{where} {_pct(cell['value'])}%")
+                text.append(f"over-refusal{where} {pct(cell['value'])}%")
         right = px > 70  # labels of points near the right edge go to their left
         ax.annotate("\n".join(text), (px, py), xytext=(-6 if right else 6, 6), textcoords="offset points",
                     fontsize=8, ha="right" if right else "left")
