@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dualselect.demo import DemoSettings, evaluate_model, train_task
+from dualselect.demo import evaluate_model, settings_of, train_task
 from dualselect.demo_data import demo_files
 from dualselect.errors import DualSelectError
 from dualselect.eval import report
@@ -52,7 +52,7 @@ def main() -> None:
     if demo_seed in args.seeds:
         raise SystemExit(f"error: seed {demo_seed} is the demo's own; choose other seeds")
 
-    settings = DemoSettings()
+    settings = settings_of(demo)  # the settings the demo ran with
     flags = {r["id"]: r.get("flag", "task") for r in read_jsonl(data["task_train"])}
     runs = {m: [] for m in METHODS}
     out = demo / "seeds"

@@ -10,6 +10,7 @@ from .errors import DualSelectError
 
 VERBS = {
     "train": "fine-tune with a method (sft, dualselect, ...) from a YAML config and key=value overrides",
+    "methods": "list the training methods: what each does, its paper, the data it needs",
     "select": "score a task set against a reference pool with DualSelect and write the kept records",
     "demo": "the embedded offline demo: align SmolLM2, fine-tune it with SFT and DualSelect, evaluate, table and plot",
     "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
@@ -67,6 +68,16 @@ def cmd_train(argv: list[str]) -> int:
     print(f"adapter: {result.adapter_dir}")
     print(f"run dir: {result.run_dir}  ({result.steps} steps, {result.seconds:.0f} s, peak RSS "
           f"{result.peak_rss_mb:.0f} MB)")
+    return 0
+
+
+def cmd_methods(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dualselect methods", description=VERBS["methods"],
+                                epilog="Each method's options: dualselect train --help (the section named after it).")
+    p.parse_args(argv)
+    from .methods import listing
+
+    print(listing(), end="")
     return 0
 
 
@@ -146,14 +157,23 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16-autocast", "bf16"],
+                   help="model.precision of every stage (default auto: fp32 on a CPU without native bf16)")
+    p.add_argument("--n-task", type=int, help="task training rows (default 160; --quick 24)")
+    p.add_argument("--harmful-fraction", type=float, help="share of harmful -> compliance rows in the task data "
+                   "(default 0.2)")
+    p.add_argument("--eval-limit", type=int, help="held-out prompts per benchmark (default 100; --quick 4)")
+    p.add_argument("--generation-batch-size", type=int, help="prompts per generation batch (default 64)")
     args = p.parse_args(argv)
     from .demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, quiet=args.quiet)
+    changes = {k: getattr(args, k) for k in ("precision", "n_task", "harmful_fraction", "eval_limit",
+                                             "generation_batch_size") if getattr(args, k) is not None}
+    run_demo(args.out, seed=args.seed, quick=args.quick, quiet=args.quiet, **changes)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "methods": cmd_methods, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

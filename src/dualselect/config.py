@@ -99,7 +99,9 @@ class ModelConfig:
     )
     precision: Precision = _opt(
         "auto",
-        "weights/compute precision: auto, fp32, bf16-autocast (fp32 weights, bf16 compute), bf16",
+        "weights/compute precision: auto, fp32, bf16-autocast (fp32 weights, bf16 compute), bf16. auto: on CPU "
+        "bf16-autocast only where the CPU has native bf16 (avx512_bf16/amx_bf16) and a short timed probe finds it "
+        "faster, else fp32; on CUDA bf16 where supported, else fp32 (the choice and its reason go to run_info.json)",
     )
     device: str = _opt("auto", "torch device (auto = cuda if available, else cpu)")
     lora_r: int = _opt(16, "LoRA rank")

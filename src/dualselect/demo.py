@@ -22,13 +22,14 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import models
 from .config import load_config
 from .demo_data import write_demo_data
 from .eval import report
+from .errors import DualSelectError
 from .eval.run import evaluate
 from .logs import read_jsonl, write_jsonl
 from .methods import method_configs
@@ -39,13 +40,19 @@ log = logging.getLogger("dualselect")
 
 @dataclass
 class DemoSettings:
-    """Sizes and recipes of each stage (`quick` shrinks them to a smoke test)."""
-    n_task: int = 192
+    """Sizes and recipes of each stage (`quick` shrinks them to a smoke test). `precision` goes to every stage
+    (model.precision: auto picks fp32 on a CPU without native bf16, see models.choose_precision)."""
+    n_task: int = 160
     harmful_fraction: float = 0.2
     n_align_harmful: int = 200
-    n_reference: int = 96
+    n_reference: int = 64
     benign_max_new_tokens: int = 48
     benign_limit: int | None = None  # answer only the first N benign alignment prompts
+    precision: str = "auto"
+    eval_limit: int = 100  # held-out prompts per benchmark
+    # greedy generation of many short answers is overhead-bound on a CPU: batches of 64 took 0.37x the time of
+    # batches of 16 here (64 prompts x 32 new tokens, fp32)
+    generation_batch_size: int = 64
     # Calibrated on held-out prompts (limit 100, keyword judge, one seed; refusal / over-refusal %):
     #   160 harmful, q,k,v,o, lr 5e-4: 74 / 25;  lr 8e-4: 68 / 11;  200 harmful, all linear layers: 94 / 38
     #   (the earlier recipe, 2 epochs on fewer benign rows: 92 / 55, refusing every task prompt).
@@ -56,30 +63,51 @@ class DemoSettings:
     dualselect: list[str] = field(default_factory=lambda: [
         "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
     # refusal is read from the opening of an answer (keyword judge), so 32 new tokens are enough
-    eval: list[str] = field(default_factory=lambda: [
-        "eval.limit=100", "eval.max_new_tokens=32", "eval.task_max_new_tokens=8", "eval.batch_size=16"])
+    eval: list[str] = field(default_factory=lambda: ["eval.max_new_tokens=32", "eval.task_max_new_tokens=8"])
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
-        return cls(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16, benign_limit=8,
-                   align=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8", "train.max_steps=2"],
-                   task=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8"],
-                   dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"],
-                   eval=["eval.limit=4", "eval.max_new_tokens=4", "eval.task_max_new_tokens=2", "eval.batch_size=4"])
+    def quick(cls, **changes) -> "DemoSettings":
+        return cls(**{**dict(n_task=24, n_align_harmful=12, n_reference=8, benign_max_new_tokens=16, benign_limit=8,
+                             generation_batch_size=4, eval_limit=4,
+                             align=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8", "train.max_steps=2"],
+                             task=["train.epochs=1", "train.lr=2e-4", "train.batch_size=8"],
+                             dualselect=["dualselect.warmup_steps=1", "dualselect.k_task=4", "dualselect.k_ref=4"],
+                             eval=["eval.max_new_tokens=4", "eval.task_max_new_tokens=2"]), **changes})
+
+    def __post_init__(self):
+        for key in ("n_task", "n_align_harmful", "n_reference", "benign_max_new_tokens", "generation_batch_size",
+                    "eval_limit"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise DualSelectError(f"demo: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not 0.0 <= self.harmful_fraction <= 1.0:
+            raise DualSelectError(f"demo: harmful_fraction must be in [0, 1], got {self.harmful_fraction!r}")
+
+    def precision_override(self) -> str:
+        return f"model.precision={self.precision}"
+
+    def eval_overrides(self) -> list[str]:
+        return [*self.eval, f"eval.limit={self.eval_limit}", f"eval.batch_size={self.generation_batch_size}",
+                self.precision_override()]
 
 
-def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, limit: int | None) -> Path:
-    """The base model's own answers to the benign alignment prompts (cached next to the data, the file
-    name holding the settings)."""
+def benign_answers(prompts_path: Path, max_new_tokens: int, limit: int | None, batch_size: int, precision: str) -> Path:
+    """The base model's own answers to the benign alignment prompts, cached in the dualselect cache under a
+    name that hashes the prompts and every setting that changes the answers (so a later demo reuses them)."""
+    device = models.pick_device()
+    used = models.resolve_precision(precision, device)
+    key = hashlib.sha256(prompts_path.read_bytes() + json.dumps(
+        [max_new_tokens, limit, batch_size, used, device.type]).encode()).hexdigest()[:16]
+    out_path = models.cache_dir() / "demo" / f"benign-answers-{key}.jsonl"
     if out_path.exists():
+        log.info("benign answers (cached): %s", out_path)
         return out_path
     from .generation import generate
 
     rows = read_jsonl(prompts_path)[:limit]
     tok = models.load_tokenizer(models.DEFAULT_MODEL)
-    model, precision, device = models.load_model(models.DEFAULT_MODEL)
+    model, precision, device = models.load_model(models.DEFAULT_MODEL, precision)
     log.info("generating the base model's answers to %d benign prompts", len(rows))
-    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=16,
+    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
                        device=device, autocast=lambda: models.autocast(precision, device))
     out = [{"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": a}], "flag": "benign"}
@@ -89,12 +117,12 @@ def benign_answers(prompts_path: Path, out_path: Path, max_new_tokens: int, limi
 
 def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, quiet: bool) -> Path:
     """Alignment stage: LoRA SFT, merged into a cached model directory."""
-    name = f"align_benign-{settings.benign_limit or 'all'}-{settings.benign_max_new_tokens}tok.jsonl"
-    benign = benign_answers(data["align_benign_prompts"], out / "data" / name, settings.benign_max_new_tokens,
-                            settings.benign_limit)
+    benign = benign_answers(data["align_benign_prompts"], settings.benign_max_new_tokens, settings.benign_limit,
+                            settings.generation_batch_size, settings.precision)
     mixed = read_jsonl(data["align_harmful"]) + read_jsonl(benign)
     align_file = write_jsonl(out / "data" / "align_train.jsonl", mixed)
-    key = hashlib.sha256(align_file.read_bytes() + json.dumps([settings.align, seed]).encode()).hexdigest()[:16]
+    recipe = [*settings.align, settings.precision_override()]
+    key = hashlib.sha256(align_file.read_bytes() + json.dumps([recipe, seed]).encode()).hexdigest()[:16]
     merged = models.cache_dir() / "aligned" / f"{models.DEFAULT_MODEL}-{key}"
     if (merged / "config.json").exists():
         log.info("aligned model (cached): %s", merged)
@@ -103,7 +131,7 @@ def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, q
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg = load_config(None, [f"data.task={align_file}", f"train.output_dir={run_dir}", f"train.seed={seed}",
-                             f"train.quiet={str(quiet).lower()}", *settings.align], method_configs())
+                             f"train.quiet={str(quiet).lower()}", *recipe], method_configs())
     log.info("alignment stage: LoRA SFT on %d examples (harmful -> refusal, benign -> own answer)", len(mixed))
     result = train(cfg)
     _merge(result.adapter_dir, merged)
@@ -164,7 +192,7 @@ def evaluate_model(data: dict[str, Path], out: Path, model, adapter: Path | None
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
     overrides = [f"model.name_or_path={model}", f"eval.benchmarks={benchmarks}", f"eval.train_files={seen}",
-                 f"eval.output_dir={eval_dir}", f"eval.quiet={str(quiet).lower()}", *settings.eval]
+                 f"eval.output_dir={eval_dir}", f"eval.quiet={str(quiet).lower()}", *settings.eval_overrides()]
     if adapter is not None:
         overrides.append(f"eval.adapter={adapter}")
     evaluate(load_config(None, overrides, method_configs()))
@@ -178,7 +206,8 @@ def train_task(method: str, data: dict[str, Path], aligned: Path, run_dir: Path,
         shutil.rmtree(run_dir)
     overrides = [f"model.name_or_path={aligned}", f"data.task={data['task_train']}",
                  f"data.reference={data['reference']}", f"train.method={method}", f"train.output_dir={run_dir}",
-                 f"train.seed={seed}", f"train.quiet={str(quiet).lower()}", *settings.task]
+                 f"train.seed={seed}", f"train.quiet={str(quiet).lower()}", *settings.task,
+                 settings.precision_override()]
     if method == "dualselect":
         overrides += settings.dualselect
     res = train(load_config(None, overrides, method_configs()))
@@ -205,11 +234,28 @@ def result_table(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, quiet: bool = False) -> dict:
+SETTINGS_FILE = "demo_settings.json"
+
+
+def settings_of(out: Path) -> DemoSettings:
+    """The settings a finished demo in `out` ran with (benchmarks/demo_seeds.py trains more seeds with them)."""
+    path = Path(out) / SETTINGS_FILE
+    return DemoSettings(**json.loads(path.read_text())) if path.exists() else DemoSettings()
+
+
+def run_demo(out: str | Path = "runs/demo", seed: int = 0, quick: bool = False, quiet: bool = False,
+             **changes) -> dict:
     """Run every stage (module docstring); returns {"training": per method, "report": the comparison,
-    "table": Markdown, "plot": PNG path, "seconds": per stage}."""
+    "table": Markdown, "plot": PNG path, "seconds": per stage}. `changes` set DemoSettings fields (precision,
+    n_task, harmful_fraction, ...) over the full or the quick defaults."""
     out = Path(out)
-    settings = DemoSettings.quick() if quick else DemoSettings()
+    unknown = set(changes) - set(DemoSettings.__dataclass_fields__)
+    if unknown:
+        raise DualSelectError(f"demo: unknown settings {', '.join(sorted(unknown))}")
+    settings = DemoSettings.quick(**changes) if quick else DemoSettings(**changes)
+    models.choose_precision(settings.precision, models.pick_device())  # checks the name, logs the choice once
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", seed=seed, n_task=settings.n_task, harmful_fraction=settings.harmful_fraction,

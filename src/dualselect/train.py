@@ -21,10 +21,10 @@ from .data.formatting import encode_all
 from .data.records import load_examples
 from .errors import DualSelectError
 from .grads import get_engine, trainable_params
-from .logs import JsonlLog
+from .logs import JsonlLog, read_jsonl
 from .methods import METHODS
 from .methods.context import TrainContext
-from .runinfo import peak_rss_mb, write_run_info
+from .runinfo import peak_rss_mb, record_budget, write_run_info
 
 log = logging.getLogger("dualselect")
 
@@ -161,7 +161,7 @@ class Setup:
     facts: dict  # data reports for run_info.json
 
 
-def build(cfg: RunConfig, run_dir: Path) -> Setup:
+def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
     """Seed, load tokenizer, data and model (+ LoRA); open the run's JSONL logs."""
     from tqdm.auto import tqdm
 
@@ -180,6 +180,7 @@ def build(cfg: RunConfig, run_dir: Path) -> Setup:
         batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
         autocast=lambda: models.autocast(precision, device), selection_log=JsonlLog(run_dir / "selection.jsonl"),
         progress=lambda it, **kw: tqdm(it, leave=False, disable=cfg.train.quiet, **kw),
+        run_dir=run_dir, resuming=resuming,
     )
     return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
 
@@ -187,7 +188,7 @@ def build(cfg: RunConfig, run_dir: Path) -> Setup:
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> TrainResult:
     from tqdm.auto import tqdm
 
-    setup = build(cfg, run_dir)
+    setup = build(cfg, run_dir, resume)
     ctx = setup.ctx
     model, params, quiet = ctx.model, ctx.params, cfg.train.quiet
     metrics_log = JsonlLog(run_dir / "metrics.jsonl")
@@ -210,6 +211,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
             lg.truncate(0)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     write_run_info(run_dir, cfg, device=ctx.device, precision=setup.precision,
+                   precision_reason=models.choose_precision(cfg.model.precision, ctx.device).reason,
                    n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan))
     log.info("run dir %s: method %s, %d steps, %d trainable parameters, %s on %s", run_dir, cfg.train.method,
              len(plan), sum(p.numel() for p in params), setup.precision, ctx.device)
@@ -240,6 +242,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     bar.close()
     save_checkpoint(run_dir, len(plan), model, optimizer, method, logs)
     adapter_dir = _atomic_dir(run_dir / "adapter", lambda tmp: model.save_pretrained(tmp))
+    record_budget(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
     result = TrainResult(run_dir, adapter_dir, len(plan), last_loss, time.time() - t0, peak_rss_mb())
     log.info("done: %d steps in %.1f s, peak RSS %.0f MB; adapter at %s", len(plan), result.seconds,
              result.peak_rss_mb, adapter_dir)

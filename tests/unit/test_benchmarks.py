@@ -48,3 +48,20 @@ def test_refresh_memory_topk_below_hold_all(tmp_path):
         assert r["peak_rss_mib"] >= r["baseline_rss_mib"]
     assert report["same_selection"] and len(topk["selected"]) == 4
     assert topk["increase_mib"] < hold["increase_mib"]
+
+
+def test_precision_speed_reports_both_precisions_and_the_auto_choice(tmp_path):
+    from dualselect import models
+
+    report = _run("precision_speed", ["--batch", "2", "--prompt-len", "8", "--response-len", "4", "--new-tokens", "2",
+                                      "--repeats", "1"], tmp_path)
+    assert set(report["results"]) == {"sft_step", "grads", "generate"}
+    for r in report["results"].values():
+        assert all(r["median_s"][p] > 0 for p in ("fp32", "bf16-autocast"))
+        assert r["bf16_over_fp32"] == r["median_s"]["bf16-autocast"] / r["median_s"]["fp32"]
+    # the script reports the same decision the library makes on this machine
+    native = bool(models.NATIVE_BF16_FLAGS & models.cpu_flags())
+    assert bool(report["machine"]["native_bf16_flags"]) == native
+    assert report["auto"]["precision"] in ("fp32", "bf16-autocast")
+    if not native:
+        assert report["auto"]["precision"] == "fp32"

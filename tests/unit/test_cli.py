@@ -42,3 +42,19 @@ def test_train_via_cli(tiny_model_dir, toy_data, tmp_path, capsys):
     assert f"adapter: {out / 'adapter'}" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "run_info.json").read_text())["planned_steps"] == 2
+
+
+def test_methods_lists_every_method_with_its_paper_and_data(capsys):
+    from dualselect.methods import INFO, METHODS, NEEDS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    names = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert names == sorted(METHODS)
+    assert {"sft", "dualselect", "random", "dsir", "safeinstr", "seal", "lisa", "safegrad", "toss"} <= set(METHODS)
+    blocks = out.split("\n")
+    for name in METHODS:
+        i = blocks.index(name)
+        assert blocks[i + 1].strip() == INFO[name].summary
+        assert blocks[i + 2].strip() == f"paper: {INFO[name].paper}"
+        assert blocks[i + 3].strip() == f"data:  {NEEDS[INFO[name].needs]}"

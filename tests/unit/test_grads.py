@@ -60,3 +60,25 @@ def test_set_grads_round_trips(tiny_model):
     vec = torch.arange(sum(p.numel() for p in params), dtype=torch.float32)
     set_grads(params, vec)
     assert torch.equal(flatten([p.grad for p in params], params), vec)
+
+
+def test_batch_losses_with_supervised_logits_only_equal_full_logits(tiny_model):
+    """batch_losses projects only supervised positions onto the vocabulary: same losses and gradients as
+    the full-logits computation (per_sample_nll over every position)."""
+    from dualselect.data.formatting import collate
+    from dualselect.grads import per_sample_nll, supervised_positions
+
+    model = _lora_model(tiny_model)
+    params = trainable_params(model)
+    batch = _samples()
+    t = collate(batch, 0)
+    keep = supervised_positions(t["labels"])
+    assert 0 < len(keep) < t["labels"].shape[1] - 1  # some positions are skipped
+    full, full_tokens = per_sample_nll(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits,
+                                       t["labels"])
+    ref = flatten(torch.autograd.grad(full.mean(), params), params)
+    losses, tokens = batch_losses(model, batch, pad_id=0, device="cpu")
+    got = flatten(torch.autograd.grad(losses.mean(), params), params)
+    torch.testing.assert_close(losses, full, rtol=1e-6, atol=1e-7)
+    assert tokens.tolist() == full_tokens.tolist()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)

@@ -389,7 +389,9 @@ def evaluate(cfg: RunConfig) -> dict:
     model_info = {"name_or_path": cfg.model.name_or_path,
                   "adapter": str(Path(ev.adapter).expanduser().resolve()) if ev.adapter else None,
                   "precision": cfg.model.precision, "device": cfg.model.device}
-    settings = {**{f"model.{k}": v for k, v in model_info.items() if k != "device"},
+    used = models.choose_precision(cfg.model.precision, models.pick_device(cfg.model.device))
+    model_info.update(precision_used=used.precision, precision_reason=used.reason)
+    settings = {**{f"model.{k}": v for k, v in model_info.items() if k not in ("device", "precision_reason")},
                 **{f"decoding.{k}": v for k, v in decoding.items()},
                 "judge": judge.id, "task_grader": ev.task_grader,
                 **({"harm_judge": harm_judge.id} if harm_judge else {}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,3 +28,5 @@ class TrainContext:
     autocast: Callable = contextlib.nullcontext
     selection_log: JsonlLog | None = None
     progress: Callable = field(default=lambda it, **kw: it)  # wraps long loops in a progress bar
+    run_dir: Path | None = None  # where a method may keep files of its own (e.g. a selector's scores)
+    resuming: bool = False  # train(..., resume=True): plan() may reuse what an earlier attempt saved in run_dir

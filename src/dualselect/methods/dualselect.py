@@ -6,11 +6,27 @@ two directions:
 
   d_T  task direction: sum of the warm-up batch means, then the mean g_T of the last epoch
   g_R  reference direction: weighted mean gradient of the K_R references chosen at the epoch's refresh
+
+Ablations (options; defaults = the paper's procedure), to see which term does the work:
+
+  refresh: once              static references, chosen once from the warm-up direction
+  refresh: steps             refresh every `refresh_steps` steps (d_T = mean g_T since the last refresh)
+  references: random         K_R references drawn at random (seeded) at each refresh, weight 1
+  k_task: 0                  no task filter: keep every sample (correction only)
+  rho: 0                     no correction (filter only)
+  correction: project        remove g_T's component against g_R when they conflict (then + rho * g_R;
+                             rho: 0 gives the pure projection of the authors' analysis scripts)
+  mu_task: 0 / nu: 0         one-term scores: cosine only / loss only
+  score_norm: zscore         ours, not the paper's: standardise the loss term and the cosine term within
+                             each candidate set (the batch; the scored pool) before mu and nu weigh them, so
+                             that nu weighs the gradient term on the same scale as the loss (a zscore
+                             refresh computes the chosen references' gradients a second time)
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,7 +39,10 @@ from ..selection.dualselect import (
     cosine,
     cosines,
     reference_scores,
+    select_references,
     select_task,
+    project_conflict,
+    standardize,
     task_scores,
     weighted_direction,
 )
@@ -54,6 +73,19 @@ class DualSelectConfig:
         "train", "model mode while computing per-sample gradients: train (default, as the authors' release: LoRA dropout "
                  "active, a fresh mask per sample; the update reuses these gradients) or eval (dropout off: deterministic)")
     ref_chunk: int = _opt(8, "references per engine call during a refresh (memory: chunk + K_R gradients)")
+    refresh: Literal["epoch", "once", "steps"] = _opt(
+        "epoch", "when references are refreshed: epoch (paper: at the start of every epoch), once (ablation: only "
+                 "at the first epoch, from the warm-up direction), steps (ablation: every refresh_steps steps)")
+    refresh_steps: int | None = _opt(None, "with refresh=steps: filtered steps between refreshes")
+    references: Literal["scored", "random"] = _opt(
+        "scored", "scored (paper: the K_R highest reference scores) or random (ablation: K_R references drawn at "
+                  "random at each refresh, seeded, weight 1)")
+    correction: Literal["add", "project"] = _opt(
+        "add", "add (paper: step along g_T + rho * g_R) or project (ablation: g_T without its component against "
+               "g_R when <g_T, g_R> < 0, then + rho * g_R; rho=0: the pure projection)")
+    score_norm: Literal["none", "zscore"] = _opt(
+        "none", "none (paper) or zscore (ours, not the paper's: standardise the loss and the cosine terms within "
+                "each candidate set before mu and nu weigh them, so nu weighs the gradient term on the loss's scale)")
 
     def __post_init__(self):
         if self.warmup_steps < 0:
@@ -68,9 +100,18 @@ class DualSelectConfig:
             raise ValueError("tau_task and tau_ref must be > 0")
         if self.ref_chunk < 1:
             raise ValueError("ref_chunk must be >= 1")
+        if self.ref_pool_limit is not None and self.ref_pool_limit < 1:
+            raise ValueError(f"ref_pool_limit must be >= 1 (or null: the whole pool), got {self.ref_pool_limit}")
+        if self.refresh == "steps" and (self.refresh_steps is None or self.refresh_steps < 1):
+            raise ValueError("refresh=steps needs refresh_steps >= 1")
+        if self.refresh != "steps" and self.refresh_steps is not None:
+            raise ValueError(f"refresh_steps is set but refresh is '{self.refresh}' (set refresh=steps)")
 
 
-@register("dualselect")
+@register("dualselect", summary="refresh the most conflicting references per epoch, keep the task samples that agree "
+                                 "with them, add a reference-gradient correction",
+          paper='"Two to Tango: Coupled Task-Reference Selection for Safe LLM Fine-tuning", EMNLP 2026 '
+                "(arXiv 2606.09866)", needs="task+reference")
 class DualSelect:
     Config = DualSelectConfig
 
@@ -82,8 +123,9 @@ class DualSelect:
         zeros = lambda: torch.zeros(n_params, dtype=torch.float32, device=ctx.device)  # noqa: E731
         self.d_t = zeros()  # task direction used by the next refresh
         self.g_r = zeros()  # reference direction of the current epoch
-        self.sum_gt = zeros()  # running sum of this epoch's g_T
+        self.sum_gt = zeros()  # running sum of the g_T since the last refresh
         self.n_gt = 0
+        self.n_refresh = 0
 
     def plan(self) -> list[PlannedStep]:
         c = self.ctx
@@ -106,52 +148,99 @@ class DualSelect:
             return c.engine(c.model, samples, c.device, c.autocast)
 
     # -- 2a. lazy reference refresh -------------------------------------------------------------
+    def _scores(self, losses, cos, mu: float) -> tuple[list[float], list[float]]:
+        """The loss and cosine terms of the scores of one candidate set (score = loss term + cosine term)."""
+        if self.cfg.score_norm == "zscore":
+            losses, cos = standardize(losses), standardize(cos)
+        loss_t = (mu * torch.as_tensor(losses, dtype=torch.float64)).tolist()
+        cos_t = (-self.cfg.nu * torch.as_tensor(cos, dtype=torch.float64)).tolist()
+        return loss_t, cos_t
+
+    def _grads_of(self, refs, index: list[int]):
+        """Per-sample losses, cosines to d_T and gradients of refs[index], chunk by chunk (generator)."""
+        for start in range(0, len(index), self.cfg.ref_chunk):
+            out = self.per_sample_grads([refs[i] for i in index[start:start + self.cfg.ref_chunk]])
+            yield start, out, cosines(out.grads, self.d_t)
+
     def refresh(self, epoch: int) -> None:
         cfg, c = self.cfg, self.ctx
         refs = c.reference[: cfg.ref_pool_limit] if cfg.ref_pool_limit else c.reference
-        top = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref)
-        losses, coss, all_scores = [], [], []
+        self.n_refresh += 1
+        losses, coss = [0.0] * len(refs), [0.0] * len(refs)
         chunks = range(0, len(refs), cfg.ref_chunk)
-        for start in c.progress(chunks, desc=f"refresh epoch {epoch}", total=len(chunks)):
-            out = self.per_sample_grads(refs[start:start + cfg.ref_chunk])
-            cos = cosines(out.grads, self.d_t)
-            scores = reference_scores(out.losses, cos, cfg.mu_ref, cfg.nu)
-            for j in range(len(scores)):
-                top.push(float(scores[j]), start + j, out.grads[j].clone())
-            losses += out.losses.tolist()
-            coss += cos.tolist()
-            all_scores += scores.tolist()
-            del out
-        sel, kept = top.result()
-        self.g_r = weighted_direction(torch.stack(kept), sel.weights)
+        if cfg.references == "random":  # ablation: only the drawn references are computed
+            rng = random.Random(f"dualselect-random-refs-{c.seed}-{self.n_refresh}")
+            index = sorted(rng.sample(range(len(refs)), min(cfg.k_ref, len(refs))))
+            kept, scored = [], index
+            for start, out, cos in self._grads_of(refs, index):
+                for j in range(len(out.losses)):
+                    losses[index[start + j]], coss[index[start + j]] = float(out.losses[j]), float(cos[j])
+                    kept.append(out.grads[j].clone())
+                del out
+            weights = [1.0] * len(index)
+            loss_t, cos_t = self._scores([losses[i] for i in index], [coss[i] for i in index], cfg.mu_ref)
+            all_scores = [0.0] * len(refs)
+            for i, a, b in zip(index, loss_t, cos_t):
+                all_scores[i] = a + b
+            terms = dict(zip(index, zip(loss_t, cos_t)))
+        elif cfg.score_norm == "zscore":  # the scores need the whole pool: score it, then recompute the kept ones
+            for start, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
+                                              desc=f"refresh epoch {epoch}", total=len(chunks)):
+                for j in range(len(out.losses)):
+                    losses[start + j], coss[start + j] = float(out.losses[j]), float(cos[j])
+                del out
+            loss_t, cos_t = self._scores(losses, coss, cfg.mu_ref)
+            all_scores = [a + b for a, b in zip(loss_t, cos_t)]
+            sel = select_references(all_scores, cfg.k_ref, cfg.mode, cfg.tau_ref)
+            index, weights, scored = sel.index, sel.weights, list(range(len(refs)))
+            kept = [g.clone() for _, out, _ in self._grads_of(refs, index) for g in out.grads]
+            terms = {i: (loss_t[i], cos_t[i]) for i in index}
+        else:
+            top = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref)
+            all_scores = [0.0] * len(refs)
+            for start, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
+                                              desc=f"refresh epoch {epoch}", total=len(chunks)):
+                scores = reference_scores(out.losses, cos, cfg.mu_ref, cfg.nu)
+                for j in range(len(scores)):
+                    top.push(float(scores[j]), start + j, out.grads[j].clone())
+                    losses[start + j], coss[start + j] = float(out.losses[j]), float(cos[j])
+                    all_scores[start + j] = float(scores[j])
+                del out
+            sel, kept = top.result()
+            index, weights, scored = sel.index, sel.weights, list(range(len(refs)))
+            terms = {i: (cfg.mu_ref * losses[i], -cfg.nu * coss[i]) for i in index}
+        self.g_r = weighted_direction(torch.stack(kept), weights)
         del kept
         self.sum_gt.zero_()
         self.n_gt = 0
         if c.selection_log:
-            ids = [refs[i].id for i in sel.index]
             c.selection_log.write({
-                "kind": "refresh", "epoch": epoch, "ids": ids, "index": sel.index, "weights": sel.weights,
-                "scores": [all_scores[i] for i in sel.index],
-                "losses": [losses[i] for i in sel.index], "cosines": [coss[i] for i in sel.index],
-                "loss_terms": [cfg.mu_ref * losses[i] for i in sel.index],
-                "cosine_terms": [-cfg.nu * coss[i] for i in sel.index],
-                "n_scored": len(refs), "d_t_norm": float(self.d_t.norm()), "g_r_norm": float(self.g_r.norm()),
-                "candidates": {"ids": [r.id for r in refs], "losses": losses, "cosines": coss},
+                "kind": "refresh", "epoch": epoch, "refresh": self.n_refresh, "ids": [refs[i].id for i in index],
+                "index": index, "weights": weights, "scores": [all_scores[i] for i in index],
+                "losses": [losses[i] for i in index], "cosines": [coss[i] for i in index],
+                "loss_terms": [terms[i][0] for i in index], "cosine_terms": [terms[i][1] for i in index],
+                "n_scored": len(scored), "d_t_norm": float(self.d_t.norm()), "g_r_norm": float(self.g_r.norm()),
+                "candidates": {"ids": [refs[i].id for i in scored], "losses": [losses[i] for i in scored],
+                               "cosines": [coss[i] for i in scored]},
             })
 
     def on_epoch_start(self, epoch: int) -> None:
-        if epoch >= 1:
+        if epoch == 1 or (epoch > 1 and self.cfg.refresh == "epoch"):
             self.refresh(epoch)
 
     # -- warm-up and 2b/2c. task filtering + corrected step -----------------------------------------
     def step(self, planned: PlannedStep) -> dict:
         cfg, c = self.cfg, self.ctx
+        if cfg.refresh == "steps" and planned.phase != "warmup" and self.n_gt >= cfg.refresh_steps:
+            self.d_t = self.sum_gt / self.n_gt  # the task direction since the last refresh
+            self.refresh(planned.epoch)
         out = self.per_sample_grads([c.task[i] for i in planned.ids])
         metrics = {"loss": float(out.losses.mean()), "tokens": int(out.tokens.sum()), "n_samples": len(planned.ids)}
         if planned.phase == "warmup":
             g = out.grads.mean(dim=0)
             self.d_t += g
             set_grads(c.params, g)
+            metrics.update(trained_samples=len(planned.ids), trained_tokens=metrics["tokens"])
             if c.selection_log:
                 c.selection_log.write({"kind": "warmup", "step": planned.index,
                                        "ids": [c.task[i].id for i in planned.ids], "losses": out.losses.tolist(),
@@ -159,12 +248,16 @@ class DualSelect:
             return metrics
 
         cos = cosines(out.grads, self.g_r)
-        scores = task_scores(out.losses, cos, cfg.mu_task, cfg.nu)
+        if cfg.score_norm == "zscore":
+            scores = task_scores(standardize(out.losses), standardize(cos), cfg.mu_task, cfg.nu)
+        else:
+            scores = task_scores(out.losses, cos, cfg.mu_task, cfg.nu)
         sel = select_task(scores, cfg.k_task, cfg.mode, cfg.tau_task, tokens=out.tokens.tolist(), budget=cfg.budget)
         g_t = weighted_direction(out.grads[sel.index], sel.weights)
         self.sum_gt += g_t
         self.n_gt += 1
-        set_grads(c.params, g_t + cfg.rho * self.g_r)
+        step_dir = project_conflict(g_t, self.g_r) if cfg.correction == "project" else g_t
+        set_grads(c.params, step_dir + cfg.rho * self.g_r)
         kept_losses = [float(out.losses[i]) for i in sel.index]
         tr_cos = cosine(g_t, self.g_r)
         if c.selection_log:
@@ -177,17 +270,20 @@ class DualSelect:
                                "cosines": cos.tolist(), "scores": scores.tolist(), "tokens": out.tokens.tolist()},
                 "task_ref_cosine": tr_cos,
             })
+        metrics.update(trained_samples=len(sel.index), trained_tokens=int(out.tokens[sel.index].sum()))
         metrics.update(kept=len(sel.index), kept_loss=sum(kept_losses) / len(kept_losses), task_ref_cosine=tr_cos)
         return metrics
 
     def on_epoch_end(self, epoch: int) -> None:
-        if epoch >= 1 and self.n_gt > 0:
+        if epoch >= 1 and self.n_gt > 0 and self.cfg.refresh == "epoch":
             self.d_t = self.sum_gt / self.n_gt
 
     def state_dict(self) -> dict:
-        return {"d_t": self.d_t.cpu(), "g_r": self.g_r.cpu(), "sum_gt": self.sum_gt.cpu(), "n_gt": self.n_gt}
+        return {"d_t": self.d_t.cpu(), "g_r": self.g_r.cpu(), "sum_gt": self.sum_gt.cpu(), "n_gt": self.n_gt,
+                "n_refresh": self.n_refresh}
 
     def load_state_dict(self, state: dict) -> None:
         dev = self.ctx.device
         self.d_t, self.g_r, self.sum_gt = (state[k].to(dev) for k in ("d_t", "g_r", "sum_gt"))
         self.n_gt = state["n_gt"]
+        self.n_refresh = state.get("n_refresh", 0)

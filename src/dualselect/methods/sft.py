@@ -18,7 +18,8 @@ class SFTConfig:
     """Plain SFT has no options of its own (see the train section)."""
 
 
-@register("sft")
+@register("sft", summary="plain LoRA supervised fine-tuning on every task sample (the baseline)",
+          paper="-", needs="task")
 class SFT:
     Config = SFTConfig
 
@@ -37,7 +38,9 @@ class SFT:
         losses, tokens = batch_losses(c.model, [c.task[i] for i in planned.ids], c.pad_id, c.device, c.autocast)
         loss = losses.mean()
         loss.backward()
-        return {"loss": loss.item(), "tokens": int(tokens.sum()), "n_samples": len(planned.ids)}
+        n_tok = int(tokens.sum())
+        return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(planned.ids),
+                "trained_samples": len(planned.ids), "trained_tokens": n_tok}
 
     def on_epoch_end(self, epoch: int) -> None:
         pass

@@ -11,6 +11,7 @@ from dualselect.selection.dualselect import (
     reference_scores,
     select_references,
     select_task,
+    standardize,
     task_scores,
     weighted_direction,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "reference_scores",
     "select_references",
     "select_task",
+    "standardize",
     "task_scores",
     "weighted_direction",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "select_task",
     "weighted_direction",
     "project_conflict",
+    "standardize",
 ]
 
 
@@ -342,8 +343,22 @@ def weighted_direction(G: Any, weights: Any) -> torch.Tensor:
     return (acc / total).to(torch.float32)
 
 
+def standardize(values: Any) -> torch.Tensor:
+    """z-scores within one candidate set, float64: (x - mean) / std (population std); all zeros when the
+    values are all equal (or there is one). `score_norm: zscore` puts the loss term and the cosine term on
+    this common scale before mu and nu weigh them (ours, not the paper's)."""
+    x = _as_vector(values, "values")
+    if x.numel() == 0:
+        return x
+    sd = float(x.std(unbiased=False))
+    if not sd > 0.0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / sd
+
+
 def project_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
-    """Ablation only (not DualSelect's update): PCGrad-style projection of g_t away from g_r.
+    """PCGrad-style projection of g_t away from g_r (DualSelect's `correction: project` ablation, SafeGrad's
+    update; not DualSelect's default additive correction).
 
     If ``<g_t, g_r> < 0`` return ``g_t - <g_t, g_r> / |g_r|^2 * g_r`` (now orthogonal to g_r);
     otherwise return ``g_t`` unchanged. Computed in float64, returned in g_t's dtype and shape.
