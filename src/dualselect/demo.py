@@ -122,7 +122,8 @@ def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, q
     mixed = read_jsonl(data["align_harmful"]) + read_jsonl(benign)
     align_file = write_jsonl(out / "data" / "align_train.jsonl", mixed)
     recipe = [*settings.align, settings.precision_override()]
-    key = hashlib.sha256(align_file.read_bytes() + json.dumps([recipe, seed]).encode()).hexdigest()[:16]
+    used = models.resolve_precision(settings.precision, models.pick_device())  # `auto` differs between machines
+    key = hashlib.sha256(align_file.read_bytes() + json.dumps([recipe, used, seed]).encode()).hexdigest()[:16]
     merged = models.cache_dir() / "aligned" / f"{models.DEFAULT_MODEL}-{key}"
     if (merged / "config.json").exists():
         log.info("aligned model (cached): %s", merged)

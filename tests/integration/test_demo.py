@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
-    demo = run_demo(tmp_path / "demo", quick=True, quiet=True)
+    demo = run_demo(tmp_path / "demo", quick=True, quiet=True, precision="fp32")
     results = demo["training"]
     assert set(results) == {"sft", "dualselect"}
     for method, r in results.items():
@@ -36,4 +36,12 @@ def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
         assert [b["n"] for b in res["benchmarks"]] == [4, 4, 4]
         assert all(b["n_overlap"] == 0 for b in res["benchmarks"])
     assert demo["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --precision reaches every stage: the alignment run, both task runs and every evaluation
+    for run in ("align", "sft", "dualselect"):
+        info = json.loads((tmp_path / "demo" / run / "run_info.json").read_text())["machine"]
+        assert info["precision"] == "fp32" and info["precision_reason"] == "set by model.precision"
+    for name in ("base", "aligned", "sft", "dualselect"):
+        res = json.loads((tmp_path / "demo" / "eval" / name / "results.json").read_text())
+        assert res["model"]["precision"] == "fp32" and res["model"]["precision_used"] == "fp32"
+    assert json.loads((tmp_path / "demo" / "demo_settings.json").read_text())["precision"] == "fp32"
     assert set(demo["report"]["comparisons"]) == {"base", "aligned", "dualselect"}  # each paired with sft

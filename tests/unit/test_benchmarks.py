@@ -8,10 +8,10 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run(script, args, tmp_path):
+def _run(script, args, tmp_path, timeout=120):
     out = tmp_path / f"{script}.json"
     proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--tiny", "--threads", "1", "--json", str(out),
-                           *args], capture_output=True, text=True, timeout=120)
+                           *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| " in proc.stdout  # the Markdown table
     return json.loads(out.read_text())
@@ -65,3 +65,20 @@ def test_precision_speed_reports_both_precisions_and_the_auto_choice(tmp_path):
     assert report["auto"]["precision"] in ("fp32", "bf16-autocast")
     if not native:
         assert report["auto"]["precision"] == "fp32"
+
+
+def test_methods_speed_times_every_method_against_sft(tmp_path):
+    from dualselect.methods import METHODS
+
+    report = _run("methods_speed", ["--steps", "2", "--n-task", "16", "--n-reference", "8", "--batch", "4"], tmp_path,
+                  timeout=600)
+    results = report["results"]
+    assert set(results) == set(METHODS) | {"sft_again"}  # every registered method, and sft twice
+    for name, r in results.items():
+        assert r["steps"] == 2 and r["median_step_s"] > 0 and r["setup_s"] >= 0, name
+        assert r["ratio_to_sft"] > 0
+    mean_sft = (results["sft"]["median_step_s"] + results["sft_again"]["median_step_s"]) / 2
+    assert results["dualselect"]["ratio_to_sft"] == results["dualselect"]["median_step_s"] / mean_sft
+    # what each step trained on: sft the whole batch; random keeps 4 of 4 in its 2 warm-up steps
+    assert results["sft"]["trained_samples_per_step"] == 4
+    assert results["random"]["trained_samples_per_step"] == 4
