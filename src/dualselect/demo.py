@@ -201,8 +201,9 @@ def evaluate_model(data: dict[str, Path], out: Path, model, adapter: Path | None
 
 
 def train_task(method: str, data: dict[str, Path], aligned: Path, run_dir: Path, settings: DemoSettings, seed: int,
-               quiet: bool, flags: dict[str, str]) -> dict:
-    """The task stage: `method` (sft | dualselect) on the aligned model, into a fresh `run_dir`; its summary."""
+               quiet: bool, flags: dict[str, str], extra: tuple[str, ...] | list[str] = ()) -> dict:
+    """The task stage: `method` on the aligned model, into a fresh `run_dir`; its summary. DualSelect gets the
+    demo's dualselect settings; `extra` overrides come last (benchmarks/demo_methods.py: other methods)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     overrides = [f"model.name_or_path={aligned}", f"data.task={data['task_train']}",
@@ -211,11 +212,11 @@ def train_task(method: str, data: dict[str, Path], aligned: Path, run_dir: Path,
                  settings.precision_override()]
     if method == "dualselect":
         overrides += settings.dualselect
-    res = train(load_config(None, overrides, method_configs()))
+    res = train(load_config(None, [*overrides, *extra], method_configs()))
     first, last = _losses(run_dir)
     summary = {"adapter": str(res.adapter_dir), "steps": res.steps, "seconds": round(res.seconds),
                "loss_first": first, "loss_last": last}
-    if method == "dualselect":
+    if method in ("dualselect", "random"):  # per-batch selections with their candidates in selection.jsonl
         summary["selection"] = selection_stats(run_dir, flags)
     return summary
 

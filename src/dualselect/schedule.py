@@ -44,3 +44,19 @@ def batch_plan(n: int, batch_size: int, epochs: int, seed: int, warmup_steps: in
         last = i == len(raw) - 1 or raw[i + 1][1] != epoch
         plan.append(PlannedStep(i, phase, epoch, ids, first, last))
     return plan
+
+
+def warmup_within(plan: list[PlannedStep], warmup_steps: int) -> list[PlannedStep]:
+    """The same steps (ids, order, count) as `plan` (a plan without warm-up), with its first `warmup_steps`
+    steps relabelled as the warm-up (phase "warmup", epoch 0): the warm-up counts toward the step budget.
+    first_of_epoch / last_of_epoch are recomputed, so epoch 1 now starts after the warm-up."""
+    if not 0 <= warmup_steps < len(plan):
+        raise ValueError(f"warm-up steps within the budget must be fewer than the {len(plan)} planned steps, "
+                         f"got {warmup_steps}")
+    raw = [("warmup", 0, s.ids) if i < warmup_steps else (s.phase, s.epoch, s.ids) for i, s in enumerate(plan)]
+    out = []
+    for i, (phase, epoch, ids) in enumerate(raw):
+        first = i == 0 or raw[i - 1][1] != epoch
+        last = i == len(raw) - 1 or raw[i + 1][1] != epoch
+        out.append(PlannedStep(i, phase, epoch, ids, first, last))
+    return out

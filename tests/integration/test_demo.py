@@ -45,3 +45,28 @@ def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
         assert res["model"]["precision"] == "fp32" and res["model"]["precision_used"] == "fp32"
     assert json.loads((tmp_path / "demo" / "demo_settings.json").read_text())["precision"] == "fp32"
     assert set(demo["report"]["comparisons"]) == {"base", "aligned", "dualselect"}  # each paired with sft
+
+
+def test_demo_methods_compares_more_methods_on_a_finished_demo(tmp_path):
+    """benchmarks/demo_methods.py on a quick demo: two methods trained, evaluated, reported, timed; a second call
+    skips them (resumable)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_demo(tmp_path / "demo", quick=True, quiet=True, precision="fp32")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_methods.py"
+    cmd = [sys.executable, str(script), "--demo", str(tmp_path / "demo"), "--methods", "sft", "random", "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sft: " in first.stdout and "random: " in first.stdout  # both trained
+    out = tmp_path / "demo" / "methods"
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert list(rep["results"]) == ["sft", "random"] and set(rep["comparisons"]) == {"random"}
+    timing = (out / "timing.md").read_text().splitlines()
+    assert timing[2].startswith("| sft |") and "| 1.00 |" in timing[2] and timing[3].startswith("| random |")
+    budget = json.loads((out / "random" / "run_info.json").read_text())["budget"]
+    # quick demo: 24 task rows in batches of 8, one epoch; random: 5 full warm-up steps, then 3 keeping 4 of 8
+    assert budget["steps_by_phase"] == {"warmup": 5, "train": 3} and budget["trained_samples"] == 5 * 8 + 3 * 4
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "sft: " not in again.stdout  # nothing retrained

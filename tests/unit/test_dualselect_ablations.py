@@ -140,3 +140,25 @@ def test_ablation_config_errors(override, message, tiny_model_dir, toy_data, tmp
     task, refs = toy_data
     with pytest.raises(DualSelectError, match=message):
         _cfg(tiny_model_dir, task, refs, tmp_path / "x", override)
+
+
+def test_warmup_within_the_budget_takes_sfts_own_steps(tiny_model_dir, toy_data, tmp_path):
+    from dualselect.schedule import batch_plan, warmup_within
+
+    sft_plan = batch_plan(20, 4, 2, 3)
+    plan = warmup_within(sft_plan, 3)
+    assert [s.ids for s in plan] == [s.ids for s in sft_plan] and len(plan) == 10
+    assert [s.phase for s in plan] == ["warmup"] * 3 + ["train"] * 7
+    assert [s.epoch for s in plan] == [0] * 3 + [1] * 2 + [2] * 5
+    assert [s.index for s in plan if s.first_of_epoch] == [0, 3, 5]
+    assert [s.index for s in plan if s.last_of_epoch] == [2, 4, 9]
+    with pytest.raises(ValueError, match="fewer than the 10 planned steps"):
+        warmup_within(sft_plan, 10)
+    task, refs = toy_data
+    res = train(_cfg(tiny_model_dir, task, refs, tmp_path / "in", "train.epochs=2", "dualselect.warmup_steps=3",
+                     "dualselect.warmup_in_budget=true"))
+    budget = json.loads((res.run_dir / "run_info.json").read_text())["budget"]
+    assert budget["optimizer_steps"] == 10 and budget["steps_by_phase"] == {"warmup": 3, "train": 7}
+    assert [r["epoch"] for r in _log(res.run_dir, "refresh")] == [1, 2]  # the first refresh follows the warm-up
+    extra = train(_cfg(tiny_model_dir, task, refs, tmp_path / "extra", "train.epochs=2", "dualselect.warmup_steps=3"))
+    assert json.loads((extra.run_dir / "run_info.json").read_text())["budget"]["optimizer_steps"] == 13

@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ..grads import batch_losses
 from ..schedule import PlannedStep, batch_plan
 from ..selection.dsir import (
     MODES,
@@ -48,6 +47,7 @@ from ..selection.dsir import (
     select,
 )
 from . import register
+from .sft import supervised_step
 from .context import TrainContext
 
 
@@ -117,13 +117,7 @@ class DSIR:
             })
 
     def step(self, planned: PlannedStep) -> dict:
-        c = self.ctx
-        losses, tokens = batch_losses(c.model, [c.task[i] for i in planned.ids], c.pad_id, c.device, c.autocast)
-        loss = losses.mean()
-        loss.backward()
-        n_tok = int(tokens.sum())
-        return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(planned.ids),
-                "trained_samples": len(planned.ids), "trained_tokens": n_tok}
+        return supervised_step(self.ctx, [self.ctx.task[i] for i in planned.ids])
 
     def on_epoch_end(self, epoch: int) -> None:
         pass

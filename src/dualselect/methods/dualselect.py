@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from ..grads import set_grads
-from ..schedule import PlannedStep, batch_plan
+from ..schedule import PlannedStep, batch_plan, warmup_within
 from ..selection.dualselect import (
     RunningTopK,
     cosine,
@@ -57,6 +57,10 @@ def _opt(default, help: str):
 @dataclass
 class DualSelectConfig:
     warmup_steps: int = _opt(10, "W: task-only warm-up steps that build the first task direction d_T (0: d_T = 0)")
+    warmup_in_budget: bool = _opt(
+        False, "false (the authors' release): the W warm-up steps come before the epochs, W steps more than sft; "
+               "true: they are the first W batches of sft's own plan (same steps, same order, same count as sft) "
+               "and the first refresh follows them")
     k_task: int = _opt(4, "k_T: task samples kept per mini-batch (<= 0: all; ignored when budget is set)")
     k_ref: int = _opt(32, "K_R: references kept at each refresh (paper: ceil(0.1 * |D_R|))")
     mode: Literal["hard", "soft"] = _opt("hard", "hard: top-k, weight 1; soft: entropy-regularised softmax weights, then top-k")
@@ -129,6 +133,8 @@ class DualSelect:
 
     def plan(self) -> list[PlannedStep]:
         c = self.ctx
+        if self.cfg.warmup_in_budget:
+            return warmup_within(batch_plan(len(c.task), c.batch_size, c.epochs, c.seed), self.cfg.warmup_steps)
         return batch_plan(len(c.task), c.batch_size, c.epochs, c.seed, warmup_steps=self.cfg.warmup_steps)
 
     @contextlib.contextmanager

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..grads import batch_losses
-from ..schedule import PlannedStep, batch_plan
+from ..schedule import PlannedStep, batch_plan, warmup_within
 from ..selection.dualselect import select_task
 from . import register
+from .sft import supervised_step
 from .context import TrainContext
 
 
@@ -43,6 +43,8 @@ class RandomConfig:
                                       "batch's response tokens (DualSelect's budget rule), e.g. 0.9")
     warmup_steps: int = _opt(10, "full-batch steps first, as DualSelect's warm-up (its default 10), so both train "
                                  "on the same batches and sample counts")
+    warmup_in_budget: bool = _opt(False, "as dualselect.warmup_in_budget: true makes the warm-up the first batches of "
+                                         "sft's plan instead of extra steps")
 
     def __post_init__(self):
         if self.budget is not None and not (0 < self.budget <= 1):
@@ -62,6 +64,8 @@ class RandomSubset:
 
     def plan(self) -> list[PlannedStep]:
         c = self.ctx
+        if self.cfg.warmup_in_budget:
+            return warmup_within(batch_plan(len(c.task), c.batch_size, c.epochs, c.seed), self.cfg.warmup_steps)
         return batch_plan(len(c.task), c.batch_size, c.epochs, c.seed, warmup_steps=self.cfg.warmup_steps)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -76,16 +80,12 @@ class RandomSubset:
             keep = random_subset(len(batch), cfg.k_task, c.seed, planned.index,
                                  tokens=[e.n_supervised for e in batch], budget=cfg.budget)
         kept = [batch[i] for i in keep]
-        losses, tokens = batch_losses(c.model, kept, c.pad_id, c.device, c.autocast)
-        loss = losses.mean()
-        loss.backward()
+        metrics = supervised_step(c, kept)
         if c.selection_log and planned.phase != "warmup":
             c.selection_log.write({"kind": "step", "step": planned.index, "epoch": planned.epoch,
                                    "ids": [e.id for e in kept], "index": [planned.ids[i] for i in keep],
                                    "candidates": {"ids": [e.id for e in batch]}})
-        n_tok = int(tokens.sum())
-        return {"loss": loss.item(), "tokens": sum(e.n_supervised for e in batch), "n_samples": len(batch),
-                "kept": len(kept), "trained_samples": len(kept), "trained_tokens": n_tok}
+        return {**metrics, "tokens": sum(e.n_supervised for e in batch), "n_samples": len(batch), "kept": len(kept)}
 
     def on_epoch_end(self, epoch: int) -> None:
         pass

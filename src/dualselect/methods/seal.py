@@ -72,6 +72,7 @@ from ..logs import write_atomic
 from ..schedule import PlannedStep, batch_plan
 from ..selection.seal import ACTIVATIONS, keep_top, penalty_schedule, selector_loss, selector_weights
 from . import register
+from .sft import supervised_step
 from .context import TrainContext
 
 SCORES_FILE = "seal_selector.json"
@@ -259,13 +260,7 @@ class SEAL:
                                    **{k: v for k, v in self.record.items() if k not in ("seconds", "reused")}})
 
     def step(self, planned: PlannedStep) -> dict:
-        c = self.ctx
-        losses, tokens = batch_losses(c.model, [c.task[i] for i in planned.ids], c.pad_id, c.device, c.autocast)
-        loss = losses.mean()
-        loss.backward()
-        n_tok = int(tokens.sum())
-        return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(planned.ids),
-                "trained_samples": len(planned.ids), "trained_tokens": n_tok}
+        return supervised_step(self.ctx, [self.ctx.task[i] for i in planned.ids])
 
     def on_epoch_end(self, epoch: int) -> None:
         pass

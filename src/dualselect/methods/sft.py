@@ -13,6 +13,18 @@ from . import register
 from .context import TrainContext
 
 
+def supervised_step(ctx: TrainContext, batch) -> dict:
+    """One SFT update on `batch` (Encoded samples): backward of the mean over samples of each sample's mean
+    response NLL, into .grad; returns the step's metrics (every sample and token is trained on). Shared by the
+    methods whose training stage is plain SFT on a selected set (dsir, seal, random)."""
+    losses, tokens = batch_losses(ctx.model, batch, ctx.pad_id, ctx.device, ctx.autocast)
+    loss = losses.mean()
+    loss.backward()
+    n_tok = int(tokens.sum())
+    return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(batch), "trained_samples": len(batch),
+            "trained_tokens": n_tok}
+
+
 @dataclass
 class SFTConfig:
     """Plain SFT has no options of its own (see the train section)."""
@@ -34,13 +46,7 @@ class SFT:
         pass
 
     def step(self, planned: PlannedStep) -> dict:
-        c = self.ctx
-        losses, tokens = batch_losses(c.model, [c.task[i] for i in planned.ids], c.pad_id, c.device, c.autocast)
-        loss = losses.mean()
-        loss.backward()
-        n_tok = int(tokens.sum())
-        return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(planned.ids),
-                "trained_samples": len(planned.ids), "trained_tokens": n_tok}
+        return supervised_step(self.ctx, [self.ctx.task[i] for i in planned.ids])
 
     def on_epoch_end(self, epoch: int) -> None:
         pass
