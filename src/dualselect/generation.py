@@ -2,7 +2,8 @@
 
 `generate` returns the completions (strings); `generate(..., details=True)` also says which outputs were
 cut off at max_new_tokens and records the decoding settings. `generate_batches` yields batch by batch, for
-callers that store results as they come (the evaluation harness).
+callers that store results as they come (the evaluation harness). `sample_responses` draws K sampled
+responses per prompt with their token ids (the feedback-gated method's rollouts), through the same path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,41 @@ class Generations:
     settings: dict
 
 
+def _prompt_texts(tokenizer, prompts: list[str | list[dict]], template: str) -> list[str]:
+    conversations = [list(p) if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+    return [generation_prompt(Example(str(i), c), tokenizer, template) for i, c in enumerate(conversations)]
+
+
 @torch.no_grad()
+def _decode_batches(model, tokenizer, texts: list[str], *, template: str, max_new_tokens: int, batch_size: int,
+                    device, autocast, progress, desc: str, **generate_kwargs):
+    """The one generation path: left-padded batches of prompt texts through `model.generate` in eval mode.
+    Yields (index of the batch's first prompt, the tokenized batch, the new token ids [b * n_returned, new])."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in progress(range(0, len(texts), batch_size), desc=desc,
+                              total=(len(texts) + batch_size - 1) // batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=template == "plain").to(device)
+            with autocast():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+            yield start, enc, ids[:, enc["input_ids"].shape[1]:]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+
+
+def _cut_flags(new: torch.Tensor, eos: int, max_new_tokens: int) -> list[bool]:
+    """A row is cut off when it used the whole budget and never produced the end-of-sequence token."""
+    return [new.shape[1] >= max_new_tokens and not bool((row == eos).any()) for row in new]
+
+
 def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, template: str = "chat",
                      max_new_tokens: int = 64, batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext,
                      progress=lambda it, **kw: it, stop=()) -> Iterator[tuple[int, list[str], list[bool]]]:
@@ -46,32 +81,55 @@ def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, templ
     list of {role, content} messages; a final assistant message is left out) answered as its next turn.
     Generation stops at the end-of-sequence token; `stop` strings also end a completion (cut_at_stop; such a
     completion is not truncated)."""
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("max_new_tokens and batch_size must be >= 1")
-    was_training = model.training
-    model.eval()
-    conversations = [list(p) if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-    texts = [generation_prompt(Example(str(i), c), tokenizer, template) for i, c in enumerate(conversations)]
-    add_special = template == "plain"
+    texts = _prompt_texts(tokenizer, prompts, template)
+    for start, _, new in _decode_batches(model, tokenizer, texts, template=template, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, device=device, autocast=autocast,
+                                         progress=progress, desc="generate", do_sample=False):
+        cut = _cut_flags(new, tokenizer.eos_token_id, max_new_tokens)
+        outs = [cut_at_stop(t.strip(), stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        yield start, [t for t, _ in outs], [c and not stopped for c, (_, stopped) in zip(cut, outs)]
+
+
+@dataclass
+class Sample:
+    """One sampled response: its text (special tokens stripped, cut at `stop`), the exact token ids it was
+    sampled from (`prompt_ids`, no padding) and sampled (`ids`: up to and including the first end-of-sequence
+    token, nothing after it), and whether it hit max_new_tokens without ending."""
+    text: str
+    prompt_ids: list[int]
+    ids: list[int]
+    truncated: bool
+
+
+def sample_responses(model, tokenizer, prompts: list[str | list[dict]], *, k: int, template: str = "chat",
+                     max_new_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
+                     device="cpu", autocast=contextlib.nullcontext, stop=()) -> list[list[Sample]]:
+    """`k` sampled responses to each prompt (ancestral sampling at `temperature`, nucleus `top_p`), through the
+    same batching, template and padding as greedy generation; uses torch's global RNG (callers that need a
+    reproducible stream wrap the call, e.g. in torch.random.fork_rng). `batch_size` counts prompts."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if not temperature > 0:
+        raise ValueError("temperature must be > 0")
+    texts = _prompt_texts(tokenizer, prompts, template)
     eos = tokenizer.eos_token_id
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in progress(range(0, len(texts), batch_size), desc="generate",
-                              total=(len(texts) + batch_size - 1) // batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special).to(device)
-            with autocast():
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            # a row is cut off when it used the whole budget and never produced the end-of-sequence token
-            cut = [new.shape[1] >= max_new_tokens and not bool((row == eos).any()) for row in new]
-            outs = [cut_at_stop(t.strip(), stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-            yield start, [t for t, _ in outs], [c and not stopped for c, (_, stopped) in zip(cut, outs)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    out: list[list[Sample]] = []
+    for _, enc, new in _decode_batches(model, tokenizer, texts, template=template, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, device=device, autocast=autocast,
+                                       progress=lambda it, **kw: it, desc="sample", do_sample=True,
+                                       temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k):
+        cut = _cut_flags(new, eos, max_new_tokens)
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for p in range(enc["input_ids"].shape[0]):
+            prompt_ids = enc["input_ids"][p][enc["attention_mask"][p].bool()].tolist()
+            group = []
+            for j in range(p * k, (p + 1) * k):
+                row = new[j].tolist()
+                ids = row[:row.index(eos) + 1] if eos in row else row
+                text, stopped = cut_at_stop(decoded[j].strip(), stop)
+                group.append(Sample(text, prompt_ids, ids, cut[j] and not stopped))
+            out.append(group)
+    return out
 
 
 def generate(model, tokenizer, prompts: list[str | list[dict]], *, template: str = "chat", max_new_tokens: int = 64,

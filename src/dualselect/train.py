@@ -17,7 +17,7 @@ import torch
 
 from . import models
 from .config import RunConfig, dump_yaml
-from .data.formatting import encode_all
+from .data.formatting import encode, encode_all
 from .data.records import load_examples
 from .errors import DualSelectError
 from .grads import get_engine, trainable_params
@@ -53,7 +53,8 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def load_encoded(source: str, cfg: RunConfig, tokenizer, limit: int | None, what: str):
-    """Load and tokenize one data source; returns (encoded, facts for run_info)."""
+    """Load and tokenize one data source; returns (encoded, facts for run_info, the examples of `encoded` in
+    the same order)."""
     examples, report = load_examples(source, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
                                      columns=cfg.data.columns or None, limit=limit)
     encoded, stats = encode_all(examples, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
@@ -64,7 +65,8 @@ def load_encoded(source: str, cfg: RunConfig, tokenizer, limit: int | None, what
     log.info("%s data %s: %d records (%d skipped empty, %d truncated to %d tokens, %d left without supervised "
              "tokens)", what, source, len(encoded), report.n_skipped_empty, stats["n_truncated"], cfg.data.max_length,
              stats["n_dropped_no_supervised"])
-    return encoded, {**vars(report), **stats}
+    kept = {e.id for e in encoded}
+    return encoded, {**vars(report), **stats}, [ex for ex in examples if ex.id in kept]
 
 
 def _atomic_dir(final: Path, write) -> Path:
@@ -167,9 +169,10 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
 
     seed_everything(cfg.train.seed)
     tokenizer = models.load_tokenizer(cfg.model.name_or_path)
-    task, task_facts = load_encoded(cfg.data.task, cfg, tokenizer, cfg.data.task_limit, "task")
-    reference, ref_facts = (load_encoded(cfg.data.reference, cfg, tokenizer, cfg.data.reference_limit, "reference")
-                            if cfg.data.reference else (None, None))
+    task, task_facts, task_examples = load_encoded(cfg.data.task, cfg, tokenizer, cfg.data.task_limit, "task")
+    reference, ref_facts, ref_examples = (
+        load_encoded(cfg.data.reference, cfg, tokenizer, cfg.data.reference_limit, "reference")
+        if cfg.data.reference else (None, None, None))
     model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
     model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                             cfg.model.lora_targets, cfg.model.init_adapter)
@@ -180,7 +183,10 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
         batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
         autocast=lambda: models.autocast(precision, device), selection_log=JsonlLog(run_dir / "selection.jsonl"),
         progress=lambda it, **kw: tqdm(it, leave=False, disable=cfg.train.quiet, **kw),
-        run_dir=run_dir, resuming=resuming,
+        run_dir=run_dir, resuming=resuming, tokenizer=tokenizer, template=cfg.data.template,
+        task_examples=task_examples, reference_examples=ref_examples,
+        encode=lambda ex: encode(ex, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
+                                 max_length=cfg.data.max_length),
     )
     return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
 

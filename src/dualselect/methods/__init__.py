@@ -59,4 +59,4 @@ def listing() -> str:
     return "\n".join(lines) + "\n"
 
 
-from . import dsir, dualselect, lisa, random_subset, safegrad, safeinstr, seal, sft, toss  # noqa: E402,F401  (registration)
+from . import dsir, dualselect, feedback_gated, lisa, random_subset, safegrad, safeinstr, seal, sft, toss  # noqa: E402,F401  (registration)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.formatting import Encoded
+from ..data.records import Example
 from ..logs import JsonlLog
 
 
@@ -30,3 +31,10 @@ class TrainContext:
     progress: Callable = field(default=lambda it, **kw: it)  # wraps long loops in a progress bar
     run_dir: Path | None = None  # where a method may keep files of its own (e.g. a selector's scores)
     resuming: bool = False  # train(..., resume=True): plan() may reuse what an earlier attempt saved in run_dir
+    # For methods that generate or build new targets (feedback-gated): the tokenizer, the prompt template, the
+    # examples behind `task` / `reference` (same order) and the encoder of a new example (data settings).
+    tokenizer: Any = None
+    template: str = "chat"
+    task_examples: list[Example] | None = None
+    reference_examples: list[Example] | None = None
+    encode: Callable[[Example], Encoded] | None = None
