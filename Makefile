@@ -38,7 +38,7 @@ demo: setup
 	$(RUN) $(BIN)/dualselect demo
 
 test: setup setup-llm-server
-	$(RUN) $(BIN)/python -m pytest -m "not slow" -q
+	$(RUN) $(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-all: setup setup-llm-server
 	$(RUN) $(BIN)/python -m pytest -q

@@ -19,6 +19,10 @@ its run), so an interrupted comparison continues where it stopped; a method kill
   toss                    its safety-degraded reference trains on the alignment-stage harmful prompts with
                           compliance answers (a harmful set apart from the task's own harmful rows, whose labels
                           no method is given)
+  feedback-gated          its defaults; prompt labels from its prompt classifier (the task data has no label
+                          column: no method is told which task rows are harmful)
+  *-from-base             the method on the demo's *unaligned* base model instead of the aligned one (the
+                          feedback-gated paper's claim of robustness to unsafe initialisations), evaluated on it
 
 Outputs: <demo>/methods/<name>/ (run dir, eval/), <demo>/methods/report/ (report.md, report.json, plot) and
 <demo>/methods/timing.md (median seconds per optimiser step, / sft, steps, the whole run's seconds, task
@@ -53,6 +57,9 @@ METHODS = {
     "lisa": ("lisa", ["data.reference={align}"]),
     "safegrad": ("safegrad", []),
     "toss": ("toss", ["data.reference={harmful}", "toss.harmful_data=reference"]),
+    "feedback-gated": ("feedback-gated", []),
+    "sft-from-base": ("sft", []),
+    "feedback-gated-from-base": ("feedback-gated", []),
 }
 
 
@@ -91,6 +98,7 @@ def main() -> None:
     import yaml
 
     aligned = Path(json.loads(results_file.read_text())["model"]["name_or_path"])
+    base = json.loads((demo / "eval" / "base" / "results.json").read_text())["model"]["name_or_path"]
     seed = yaml.safe_load((demo / "sft" / "config.yaml").read_text())["train"]["seed"]
     settings = settings_of(demo)
     flags = {r["id"]: r.get("flag", "task") for r in read_jsonl(data["task_train"])}
@@ -101,10 +109,11 @@ def main() -> None:
         method, extra = METHODS[name]
         run_dir = out / name
         eval_dir = run_dir / "eval"
+        start = base if name.endswith("-from-base") else aligned
         if not ((run_dir / "adapter" / "adapter_config.json").is_file() and (eval_dir / "results.json").is_file()):
-            summary = train_task(method, data, aligned, run_dir, settings, seed, args.quiet, flags,
+            summary = train_task(method, data, start, run_dir, settings, seed, args.quiet, flags,
                                  [e.format(**fill) for e in extra])
-            evaluate_model(data, demo, aligned, run_dir / "adapter", eval_dir, settings, args.quiet)
+            evaluate_model(data, demo, start, run_dir / "adapter", eval_dir, settings, args.quiet)
             sel = summary.get("selection")
             print(f"{name}: {summary['steps']} steps, {summary['seconds']} s" +
                   (f"; harmful share of kept {sel['unsafe_share_of_kept']:.1%}" if sel else ""), flush=True)
@@ -112,6 +121,7 @@ def main() -> None:
         times[name] = timing(run_dir)
     if "sft" not in evals:
         raise SystemExit("error: the comparison needs sft (the baseline)")
+    evals.update({"base (no training)": [demo / "eval" / "base"], "aligned (no training)": [demo / "eval" / "aligned"]})
     try:
         rep = report.compare(evals, baseline="sft")
     except DualSelectError as e:

@@ -46,6 +46,7 @@ METHODS = {
     "lisa": ("lisa", ["lisa.align_steps=2", "lisa.task_steps=4"]),
     "safegrad": ("safegrad", []),
     "toss": ("toss", ["toss.harmful_data=task_ids"]),
+    "feedback-gated": ("feedback-gated", []),
     "sft_again": ("sft", []),
 }
 

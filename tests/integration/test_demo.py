@@ -1,5 +1,7 @@
 """The embedded demo end to end on the real SmolLM2, shrunk to a few steps (`--quick`)."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -9,8 +11,18 @@ from dualselect.demo import run_demo
 pytestmark = pytest.mark.integration
 
 
-def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
-    demo = run_demo(tmp_path / "demo", quick=True, quiet=True, precision="fp32")
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One quick demo for the module (its stdout captured): the demo test reads it, the methods test adds to it."""
+    root = tmp_path_factory.mktemp("quick")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        demo = run_demo(root / "demo", quick=True, quiet=True, precision="fp32")
+    return root, demo, buf.getvalue()
+
+
+def test_quick_demo_trains_evaluates_and_plots(quick_demo):
+    tmp_path, demo, out = quick_demo
     results = demo["training"]
     assert set(results) == {"sft", "dualselect"}
     for method, r in results.items():
@@ -23,7 +35,6 @@ def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
     sel = results["dualselect"]["selection"]
     assert sel["seen"] == 24 and sel["kept"] == 12
     assert sel["unsafe_share_of_batches"] == pytest.approx(5 / 24)
-    out = capsys.readouterr().out
     assert "DualSelect kept 12 of 24" in out and str(tmp_path / "demo" / "dualselect" / "adapter") in out
     # the result table: four models, three columns, each cell a value with its interval
     rows = [ln for ln in demo["table"].splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
@@ -47,14 +58,14 @@ def test_quick_demo_trains_evaluates_and_plots(tmp_path, capsys):
     assert set(demo["report"]["comparisons"]) == {"base", "aligned", "dualselect"}  # each paired with sft
 
 
-def test_demo_methods_compares_more_methods_on_a_finished_demo(tmp_path):
+def test_demo_methods_compares_more_methods_on_a_finished_demo(quick_demo):
     """benchmarks/demo_methods.py on a quick demo: two methods trained, evaluated, reported, timed; a second call
     skips them (resumable)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    run_demo(tmp_path / "demo", quick=True, quiet=True, precision="fp32")
+    tmp_path = quick_demo[0]
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_methods.py"
     cmd = [sys.executable, str(script), "--demo", str(tmp_path / "demo"), "--methods", "sft", "random", "--quiet"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -62,7 +73,8 @@ def test_demo_methods_compares_more_methods_on_a_finished_demo(tmp_path):
     assert "sft: " in first.stdout and "random: " in first.stdout  # both trained
     out = tmp_path / "demo" / "methods"
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert list(rep["results"]) == ["sft", "random"] and set(rep["comparisons"]) == {"random"}
+    untrained = ["base (no training)", "aligned (no training)"]  # the demo's own evaluations, for reference
+    assert list(rep["results"]) == ["sft", "random", *untrained] and set(rep["comparisons"]) == {"random", *untrained}
     timing = (out / "timing.md").read_text().splitlines()
     assert timing[2].startswith("| sft |") and "| 1.00 |" in timing[2] and timing[3].startswith("| random |")
     budget = json.loads((out / "random" / "run_info.json").read_text())["budget"]
