@@ -11,10 +11,10 @@ table below says otherwise; then `dualselect eval` on the demo's held-out harmfu
 task test set. Resumable: a method whose adapter and evaluation exist is skipped (its timing read back from
 its run), so an interrupted comparison continues where it stopped; a method killed mid-training starts again.
 
-  dualselect              the demo's DualSelect settings (W=5, k_T=4, K_R=16, rho=0.2)
+  dualselect              the demo's DualSelect settings (warm-up W, k_T, K_R, rho of demo_settings.json)
   dualselect-loss-only    the same with nu=0 (scores by loss only: a loss filter)
   dualselect-cosine-only  the same with mu_task=mu_ref=0 (scores by gradient cosine only)
-  random                  the same warm-up and k_T as the demo's DualSelect
+  random                  the same warm-up W and k_T as the demo's DualSelect
   lisa                    alignment data = the demo's alignment-stage data (harmful -> refusal, benign -> own answer)
   toss                    its safety-degraded reference trains on the alignment-stage harmful prompts with
                           compliance answers (a harmful set apart from the task's own harmful rows, whose labels
@@ -50,7 +50,7 @@ METHODS = {
     "dualselect": ("dualselect", []),
     "dualselect-loss-only": ("dualselect", ["dualselect.nu=0"]),
     "dualselect-cosine-only": ("dualselect", ["dualselect.mu_task=0", "dualselect.mu_ref=0"]),
-    "random": ("random", ["random.warmup_steps=5", "random.k_task=4"]),
+    "random": ("random", ["{random_warmup}", "{random_k}"]),
     "dsir": ("dsir", []),
     "safeinstr": ("safeinstr", []),
     "seal": ("seal", []),
@@ -102,7 +102,10 @@ def main() -> None:
     seed = yaml.safe_load((demo / "sft" / "config.yaml").read_text())["train"]["seed"]
     settings = settings_of(demo)
     flags = {r["id"]: r.get("flag", "task") for r in read_jsonl(data["task_train"])}
-    fill = {"align": str(demo / "data" / "align_train.jsonl"), "harmful": str(harmful_pairs(demo))}
+    ds = dict(o.split("=", 1) for o in settings.dualselect)
+    fill = {"align": str(demo / "data" / "align_train.jsonl"), "harmful": str(harmful_pairs(demo)),
+            "random_warmup": f"random.warmup_steps={ds['dualselect.warmup_steps']}",
+            "random_k": f"random.k_task={ds['dualselect.k_task']}"}
     out = demo / "methods"
     evals, times = {}, {}
     for name in args.methods:

@@ -171,7 +171,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "save a checkpoint every N steps (0 = only the final state)")
     log_every: int = _opt(1, "log metrics every N steps")
     output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
-    grad_engine: str = _opt("loop", "how per-sample gradients are computed")
+    grad_engine: str = _opt("loop", "how per-sample gradients are computed: loop (one forward/backward per sample) or "
+                                     "factored (one padded backward per chunk of 8, LoRA gradients from hooked factors; "
+                                     "0.9x the loop's time on a 2-core CPU, for GPUs)")
     quiet: bool = _opt(False, "no progress bars")
 
     def __post_init__(self) -> None:

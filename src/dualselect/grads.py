@@ -1,9 +1,10 @@
 """Per-sample losses and gradients of the trainable (LoRA) parameters, flattened to fp32 vectors.
 
 An engine turns a list of encoded samples into (losses, supervised-token counts, gradients [n, P]).
-`loop` runs one forward/backward per sample without padding: measured the fastest on a 2-core CPU
-(batched/vmap variants were slower and used far more memory). Engines are looked up by name in
-ENGINES, so a batched engine for GPUs can be added without touching the methods.
+`loop` runs one forward/backward per sample without padding (batched autograd/vmap variants were slower
+on a 2-core CPU and used far more memory). `factored` runs one padded forward/backward per chunk and
+forms each sample's exact LoRA gradient from hooked factors (einsums over that sample's tokens). Engines
+are looked up by name in ENGINES.
 """
 
 from __future__ import annotations
@@ -115,7 +116,102 @@ class LoopEngine:
         return PerSampleGrads(losses, tokens, grads)
 
 
-ENGINES = {"loop": LoopEngine}
+class FactoredEngine:
+    """Exact per-sample gradients of LoRA weights from one padded forward/backward per chunk of samples.
+
+    The backward is that of the sum of the samples' mean losses, so sample n's rows carry only the gradient of
+    its own loss. Hooks on every LoRA pair keep lora_A's input u (after LoRA dropout), its output h, and the
+    gradients at h and at lora_B's output g; then, per sample and summed over its tokens (padding and
+    unsupervised positions contribute exact zeros), grad B_n = g_n^T h_n and grad A_n = (dL/dh)_n^T u_n
+    (lora_B's output is scaled after the module, so the scaling is in g). The factors are float32; under bf16
+    autocast the result is the exact gradient of that forward up to bf16 rounding of the factors.
+    Needs every trainable parameter to be a plain (non-DoRA) LoRA A or B weight of an active adapter."""
+
+    name = "factored"
+
+    def __init__(self, chunk: int = 8):
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        self.chunk = chunk
+
+    @staticmethod
+    def lora_pairs(model, params) -> list[tuple[torch.nn.Module, torch.nn.Module, int, int]]:
+        """(lora_A, lora_B, offset of A's weight, offset of B's weight) in the flattened vector, for every
+        trainable LoRA pair; raises ValueError when a trainable parameter is not covered."""
+        offsets, off = {}, 0
+        for prm in params:
+            offsets[id(prm)] = off
+            off += prm.numel()
+        pairs, covered = [], set()
+        for module in model.modules():
+            if not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+                continue
+            for name in getattr(module, "active_adapters", []):
+                if name not in module.lora_A:
+                    continue
+                a, b = module.lora_A[name], module.lora_B[name]
+                if not (a.weight.requires_grad and b.weight.requires_grad):
+                    continue
+                if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
+                    raise ValueError("the factored engine supports plain LoRA only (not DoRA or other variants)")
+                if a.bias is not None or b.bias is not None:
+                    raise ValueError("the factored engine supports LoRA without biases")
+                pairs.append((a, b, offsets[id(a.weight)], offsets[id(b.weight)]))
+                covered |= {id(a.weight), id(b.weight)}
+        if not pairs or covered != set(offsets):
+            raise ValueError("the factored engine needs every trainable parameter to be a LoRA A or B weight")
+        return pairs
+
+    def __call__(self, model, batch: list[Encoded], device, autocast=contextlib.nullcontext) -> PerSampleGrads:
+        params = trainable_params(model)
+        pairs = self.lora_pairs(model, params)
+        n = len(batch)
+        grads = torch.zeros(n, num_params(params), dtype=torch.float32, device=device)
+        losses = torch.empty(n, dtype=torch.float32, device=device)
+        tokens = torch.empty(n, dtype=torch.int64, device=device)
+        for start in range(0, n, self.chunk):
+            sub = batch[start:start + self.chunk]
+            rows = grads[start:start + len(sub)]
+            handles = []
+            for a, b, off_a, off_b in pairs:
+                handles += self._hook(a, b, rows, off_a, off_b)
+            try:
+                chunk_losses, chunk_tokens = batch_losses(model, sub, 0, device, autocast)
+                # the hooks fill `rows`; the summed gradient itself is not needed (and .grad is left untouched)
+                torch.autograd.grad(chunk_losses.sum(), params, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            losses[start:start + len(sub)] = chunk_losses.detach().float()
+            tokens[start:start + len(sub)] = chunk_tokens
+        return PerSampleGrads(losses, tokens, grads)
+
+    @staticmethod
+    def _hook(a, b, rows: torch.Tensor, off_a: int, off_b: int) -> list:
+        saved = {}
+        na, nb = a.weight.numel(), b.weight.numel()
+
+        def on_b_grad(g):  # dL/d(lora_B output), [n, T, d_out]
+            rows[:, off_b:off_b + nb] += torch.einsum("ntd,ntr->ndr", g.float(), saved["h"]).reshape(len(rows), -1)
+
+        def on_h_grad(g):  # dL/dh, [n, T, r]
+            rows[:, off_a:off_a + na] += torch.einsum("ntr,nti->nri", g.float(), saved.pop("u")).reshape(len(rows), -1)
+            saved.pop("h", None)
+
+        def a_forward(module, inputs, output):
+            saved["u"] = inputs[0].detach().float()
+            saved["h"] = output.detach().float()
+            if output.requires_grad:
+                output.register_hook(on_h_grad)
+
+        def b_forward(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(on_b_grad)
+
+        return [a.register_forward_hook(a_forward), b.register_forward_hook(b_forward)]
+
+
+ENGINES = {"loop": LoopEngine, "factored": FactoredEngine}
 
 
 def get_engine(name: str):

@@ -78,7 +78,8 @@ def test_demo_methods_compares_more_methods_on_a_finished_demo(quick_demo):
     timing = (out / "timing.md").read_text().splitlines()
     assert timing[2].startswith("| sft |") and "| 1.00 |" in timing[2] and timing[3].startswith("| random |")
     budget = json.loads((out / "random" / "run_info.json").read_text())["budget"]
-    # quick demo: 24 task rows in batches of 8, one epoch; random: 5 full warm-up steps, then 3 keeping 4 of 8
-    assert budget["steps_by_phase"] == {"warmup": 5, "train": 3} and budget["trained_samples"] == 5 * 8 + 3 * 4
+    # quick demo: 24 task rows in batches of 8, one epoch; random: the quick DualSelect's 1 full warm-up step,
+    # then 3 keeping 4 of 8
+    assert budget["steps_by_phase"] == {"warmup": 1, "train": 3} and budget["trained_samples"] == 1 * 8 + 3 * 4
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "sft: " not in again.stdout  # nothing retrained
