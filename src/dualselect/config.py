@@ -173,7 +173,7 @@ class TrainConfig:
     output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
     grad_engine: str = _opt("loop", "how per-sample gradients are computed: loop (one forward/backward per sample) or "
                                      "factored (one padded backward per chunk of 8, LoRA gradients from hooked factors; "
-                                     "0.9x the loop's time on a 2-core CPU, for GPUs)")
+                                     "0.9x the loop's time on a 2-core CPU; meant for GPUs, not yet measured there)")
     quiet: bool = _opt(False, "no progress bars")
 
     def __post_init__(self) -> None:
