@@ -159,10 +159,10 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16-autocast", "bf16"],
                    help="model.precision of every stage (default auto: fp32 on a CPU without native bf16)")
-    p.add_argument("--n-task", type=int, help="task training rows (default 128; --quick 24)")
+    p.add_argument("--n-task", type=int, help="task training rows (default 160; --quick 24)")
     p.add_argument("--harmful-fraction", type=float, help="share of harmful -> compliance rows in the task data "
                    "(default 0.2)")
-    p.add_argument("--eval-limit", type=int, help="held-out prompts per benchmark (default 80; --quick 4)")
+    p.add_argument("--eval-limit", type=int, help="held-out prompts per benchmark (default 100; --quick 4)")
     p.add_argument("--generation-batch-size", type=int, help="prompts per generation batch (default 64)")
     args = p.parse_args(argv)
     from .demo import run_demo

@@ -42,28 +42,32 @@ log = logging.getLogger("dualselect")
 class DemoSettings:
     """Sizes and recipes of each stage (`quick` shrinks them to a smoke test). `precision` goes to every stage
     (model.precision: auto picks fp32 on a CPU without native bf16, see models.choose_precision)."""
-    n_task: int = 128
+    n_task: int = 160
     harmful_fraction: float = 0.2
     n_align_harmful: int = 200
-    n_reference: int = 48
-    benign_max_new_tokens: int = 32
+    n_reference: int = 64
+    benign_max_new_tokens: int = 48
     benign_limit: int | None = None  # answer only the first N benign alignment prompts
     precision: str = "auto"
-    eval_limit: int = 80  # held-out prompts per benchmark
+    eval_limit: int = 100  # held-out prompts per benchmark
     # greedy generation of many short answers is overhead-bound on a CPU: batches of 64 took 0.37x the time of
     # batches of 16 here (64 prompts x 32 new tokens, fp32)
     generation_batch_size: int = 64
     # Calibrated on held-out prompts (limit 100, keyword judge, one seed; refusal / over-refusal %):
     #   160 harmful, q,k,v,o, lr 5e-4: 74 / 25;  lr 8e-4: 68 / 11;  200 harmful, all linear layers: 94 / 38
     #   (the earlier recipe, 2 epochs on fewer benign rows: 92 / 55, refusing every task prompt).
+    # A leaner trial (2026-12-02: 128 task rows, 48 references, warm-up 4, 32-token benign answers, 80 eval
+    # prompts of 24 tokens) saved about 20 % of the compute but weakened the table: aligned 88.8 % refusal, SFT
+    # 78.8, DualSelect 87.5 (+8.8 over SFT, p = 0.016), so the defaults stayed; the alignment stage is to be
+    # recalibrated (<= 15 % over-refusal) and shrunk together.
     align: list[str] = field(default_factory=lambda: [
         "train.epochs=1", "train.lr=5e-4", "train.batch_size=8",
         "model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
     task: list[str] = field(default_factory=lambda: ["train.epochs=2", "train.lr=2e-4", "train.batch_size=8"])
     dualselect: list[str] = field(default_factory=lambda: [
-        "dualselect.warmup_steps=4", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
-    # refusal is read from the opening of an answer (keyword judge), so 24 new tokens are enough
-    eval: list[str] = field(default_factory=lambda: ["eval.max_new_tokens=24", "eval.task_max_new_tokens=8"])
+        "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
+    # refusal is read from the opening of an answer (keyword judge), so 32 new tokens are enough
+    eval: list[str] = field(default_factory=lambda: ["eval.max_new_tokens=32", "eval.task_max_new_tokens=8"])
 
     @classmethod
     def quick(cls, **changes) -> "DemoSettings":
