@@ -688,6 +688,11 @@ def load_config(
             if close:
                 text += f" (did you mean {close[0]!r}?)"
             raise _Issue("train.method", text)
+        others = [k for k in raw if k in method_configs and k != method and raw[k] not in (None, {})]
+        if others:  # its settings would be dropped without a word
+            raise _Issue(others[0], f"section '{others[0]}' sets options of method '{others[0]}', but train.method "
+                                    f"is {method!r}, so they would be ignored; set train.method={others[0]} or "
+                                    f"remove the section", whole_section=True)
         method_args = _build(method_configs[method], _section(raw, method), method)
     except _Issue as issue:
         raise DualSelectError(f"{source(issue)}: {issue.text}") from None

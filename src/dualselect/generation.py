@@ -38,6 +38,17 @@ class Generations:
     settings: dict
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a generation: the model's own generation config (`eos_token_id`, an id or a list,
+    e.g. Llama-3-Instruct's <|eot_id|> next to <|end_of_text|>, Gemma-3's <end_of_turn>), then the tokenizer's
+    eos token; duplicates dropped, the config's order kept."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [config] if isinstance(config, int) else list(config or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 def _prompt_texts(tokenizer, prompts: list[str | list[dict]], template: str) -> list[str]:
     conversations = [list(p) if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
     return [generation_prompt(Example(str(i), c), tokenizer, template) for i, c in enumerate(conversations)]
@@ -46,8 +57,9 @@ def _prompt_texts(tokenizer, prompts: list[str | list[dict]], template: str) -> 
 @torch.no_grad()
 def _decode_batches(model, tokenizer, texts: list[str], *, template: str, max_new_tokens: int, batch_size: int,
                     device, autocast, progress, desc: str, **generate_kwargs):
-    """The one generation path: left-padded batches of prompt texts through `model.generate` in eval mode.
-    Yields (index of the batch's first prompt, the tokenized batch, the new token ids [b * n_returned, new])."""
+    """The one generation path: left-padded batches of prompt texts through `model.generate` in eval mode,
+    stopping at any of stop_token_ids. Yields (index of the batch's first prompt, the tokenized batch, the new
+    token ids [b * n_returned, new])."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     was_training = model.training
@@ -61,16 +73,17 @@ def _decode_batches(model, tokenizer, texts: list[str], *, template: str, max_ne
                             add_special_tokens=template == "plain").to(device)
             with autocast():
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+                                     eos_token_id=stop_token_ids(model, tokenizer), **generate_kwargs)
             yield start, enc, ids[:, enc["input_ids"].shape[1]:]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
 
 
-def _cut_flags(new: torch.Tensor, eos: int, max_new_tokens: int) -> list[bool]:
-    """A row is cut off when it used the whole budget and never produced the end-of-sequence token."""
-    return [new.shape[1] >= max_new_tokens and not bool((row == eos).any()) for row in new]
+def _cut_flags(new: torch.Tensor, stops: list[int], max_new_tokens: int) -> list[bool]:
+    """A row is cut off when it used the whole budget and never produced a stop token."""
+    ended = torch.isin(new, torch.tensor(stops, device=new.device)).any(dim=1)
+    return [new.shape[1] >= max_new_tokens and not bool(e) for e in ended]
 
 
 def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, template: str = "chat",
@@ -85,7 +98,7 @@ def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, templ
     for start, _, new in _decode_batches(model, tokenizer, texts, template=template, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size, device=device, autocast=autocast,
                                          progress=progress, desc="generate", do_sample=False):
-        cut = _cut_flags(new, tokenizer.eos_token_id, max_new_tokens)
+        cut = _cut_flags(new, stop_token_ids(model, tokenizer), max_new_tokens)
         outs = [cut_at_stop(t.strip(), stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         yield start, [t for t, _ in outs], [c and not stopped for c, (_, stopped) in zip(cut, outs)]
 
@@ -93,8 +106,8 @@ def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, templ
 @dataclass
 class Sample:
     """One sampled response: its text (special tokens stripped, cut at `stop`), the exact token ids it was
-    sampled from (`prompt_ids`, no padding) and sampled (`ids`: up to and including the first end-of-sequence
-    token, nothing after it), and whether it hit max_new_tokens without ending."""
+    sampled from (`prompt_ids`, no padding) and sampled (`ids`: up to and including the first stop token,
+    nothing after it), and whether it hit max_new_tokens without ending."""
     text: str
     prompt_ids: list[int]
     ids: list[int]
@@ -112,20 +125,21 @@ def sample_responses(model, tokenizer, prompts: list[str | list[dict]], *, k: in
     if not temperature > 0:
         raise ValueError("temperature must be > 0")
     texts = _prompt_texts(tokenizer, prompts, template)
-    eos = tokenizer.eos_token_id
+    stops = set(stop_token_ids(model, tokenizer))
     out: list[list[Sample]] = []
     for _, enc, new in _decode_batches(model, tokenizer, texts, template=template, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, device=device, autocast=autocast,
                                        progress=lambda it, **kw: it, desc="sample", do_sample=True,
                                        temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k):
-        cut = _cut_flags(new, eos, max_new_tokens)
+        cut = _cut_flags(new, sorted(stops), max_new_tokens)
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         for p in range(enc["input_ids"].shape[0]):
             prompt_ids = enc["input_ids"][p][enc["attention_mask"][p].bool()].tolist()
             group = []
             for j in range(p * k, (p + 1) * k):
                 row = new[j].tolist()
-                ids = row[:row.index(eos) + 1] if eos in row else row
+                end = next((t for t, tok in enumerate(row) if tok in stops), None)
+                ids = row if end is None else row[:end + 1]
                 text, stopped = cut_at_stop(decoded[j].strip(), stop)
                 group.append(Sample(text, prompt_ids, ids, cut[j] and not stopped))
             out.append(group)

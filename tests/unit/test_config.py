@@ -137,9 +137,12 @@ def test_override_can_switch_method_and_section_merge(tmp_path):
     assert cfg.method_args == ToyConfig(k=1, rho=0.5, mode="soft")
 
 
-def test_other_method_sections_are_ignored(tmp_path):
+def test_other_method_sections_are_refused_unless_empty(tmp_path):
     p = write(tmp_path, "train: {method: toy}\nother: {alpha: 0.9}\nsft: {}\n")
-    cfg = load_config(p, ["other.not_a_key=1"], REG)
+    with pytest.raises(DualSelectError, match="section 'other' sets options of method 'other', but train.method is "
+                                              "'toy', so they would be ignored"):
+        load_config(p, [], REG)
+    cfg = load_config(write(tmp_path, "train: {method: toy}\nsft: {}\nother:\n"), [], REG)  # empty: nothing lost
     assert cfg.method_args == ToyConfig()
     assert set(to_dict(cfg)) == {"model", "data", "train", "toy"}
 
@@ -484,3 +487,17 @@ def test_describe_lists_every_key_with_default():
     assert "one of: sft, toy, other" in _describe_line(text, "train.method")
     assert text.index("\nmodel:") < text.index("\ndata:") < text.index("\ntrain:") < text.index("\ntoy:")
     assert "sft:" in text and "(no options)" in text
+
+
+def test_a_method_section_that_does_not_match_train_method_is_an_error(tmp_path):
+    from dualselect.methods import method_configs
+
+    with pytest.raises(DualSelectError, match="override 'dualselect.k_task=4'.*section 'dualselect' sets options of "
+                                              "method 'dualselect', but train.method is 'sft'"):
+        load_config(None, ["train.method=sft", "dualselect.k_task=4"], method_configs())
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {method: random}\nrandom: {k_task: 2}\nlisa: {rho: 0.5}\n")
+    with pytest.raises(DualSelectError, match="section 'lisa'.*train.method is 'random'"):
+        load_config(path, [], method_configs())
+    cfg = load_config(path, ["train.method=lisa", "random=null"], method_configs())  # an empty section sets nothing
+    assert cfg.method_args.rho == 0.5
