@@ -65,6 +65,7 @@ def test_warmup_losses(parity_epoch1):
 
 
 def _check_refresh(got, want):
+    """A refresh's (or a step's) candidates with their losses and cosines, and what was kept."""
     cands = want["candidates"]
     assert got["candidates"]["ids"] == [c["id"] for c in cands]
     assert got["candidates"]["losses"] == pytest.approx([c["loss"] for c in cands], rel=1e-5)
@@ -73,11 +74,8 @@ def _check_refresh(got, want):
 
 
 def _check_step(got, want):
-    cands = want["candidates"]
-    assert got["candidates"]["ids"] == [c["id"] for c in cands]
-    assert got["candidates"]["losses"] == pytest.approx([c["loss"] for c in cands], rel=1e-5)
-    assert got["candidates"]["cosines"] == pytest.approx([c["cosine"] for c in cands], abs=1e-4)
-    assert got["ids"] == want["selected"]
+    """A step: as a refresh, plus the cosine of the step's task gradient with g_R."""
+    _check_refresh(got, want)
     assert got["task_ref_cosine"] == pytest.approx(want["task_ref_cosine"], abs=1e-4)
 
 

@@ -52,7 +52,7 @@ from ..config import FieldError, _opt
 from ..data.formatting import IGNORE_INDEX, Encoded
 from ..data.records import Example
 from ..eval.judges import get_judge
-from ..eval.prompt_classifier import LexiconPromptClassifier, PromptLabel, parse_prompt_label
+from ..eval.prompt_classifier import LexiconPromptClassifier, PromptLabel, column_label
 from ..eval.run import judge_many
 from ..generation import sample_responses
 from ..grads import batch_losses
@@ -120,7 +120,7 @@ def prompt_labels(examples: list[Example], mode: str, column: str) -> list[Promp
     for ex in examples:
         if mode != "classifier" and column in ex.meta:
             try:
-                out.append(PromptLabel(parse_prompt_label(ex.meta[column]), 1.0, (), "column"))
+                out.append(column_label(ex.meta[column]))
             except ValueError as e:
                 raise ValueError(f"record '{ex.id}': field '{column}': {e}") from None
         elif mode == "column":
