@@ -20,6 +20,17 @@ def _batches(order: list[int], batch_size: int) -> list[tuple[int, ...]]:
     return [tuple(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
+def plan_of(raw: list[tuple[str, int, tuple[int, ...]]]) -> list[PlannedStep]:
+    """Numbered steps from (phase, epoch, ids) rows, with first_of_epoch / last_of_epoch set where the epoch
+    changes."""
+    plan = []
+    for i, (phase, epoch, ids) in enumerate(raw):
+        first = i == 0 or raw[i - 1][1] != epoch
+        last = i == len(raw) - 1 or raw[i + 1][1] != epoch
+        plan.append(PlannedStep(i, phase, epoch, ids, first, last))
+    return plan
+
+
 def batch_plan(n: int, batch_size: int, epochs: int, seed: int, warmup_steps: int = 0) -> list[PlannedStep]:
     """The authors' release order: one `random.Random(seed)`; each shuffle starts from range(n).
 
@@ -38,12 +49,7 @@ def batch_plan(n: int, batch_size: int, epochs: int, seed: int, warmup_steps: in
         order = list(range(n))
         rng.shuffle(order)
         raw += [("train", epoch, b) for b in _batches(order, batch_size)]
-    plan = []
-    for i, (phase, epoch, ids) in enumerate(raw):
-        first = i == 0 or raw[i - 1][1] != epoch
-        last = i == len(raw) - 1 or raw[i + 1][1] != epoch
-        plan.append(PlannedStep(i, phase, epoch, ids, first, last))
-    return plan
+    return plan_of(raw)
 
 
 def warmup_within(plan: list[PlannedStep], warmup_steps: int) -> list[PlannedStep]:
@@ -54,9 +60,4 @@ def warmup_within(plan: list[PlannedStep], warmup_steps: int) -> list[PlannedSte
         raise ValueError(f"warm-up steps within the budget must be fewer than the {len(plan)} planned steps, "
                          f"got {warmup_steps}")
     raw = [("warmup", 0, s.ids) if i < warmup_steps else (s.phase, s.epoch, s.ids) for i, s in enumerate(plan)]
-    out = []
-    for i, (phase, epoch, ids) in enumerate(raw):
-        first = i == 0 or raw[i - 1][1] != epoch
-        last = i == len(raw) - 1 or raw[i + 1][1] != epoch
-        out.append(PlannedStep(i, phase, epoch, ids, first, last))
-    return out
+    return plan_of(raw)

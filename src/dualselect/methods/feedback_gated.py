@@ -246,7 +246,7 @@ class FeedbackGated:
         # policy-gradient term: only samples with a gate > 0 and not all rewards equal (else it is 0)
         pg_seqs, pg_coef, pg_rows = [], [], set()
         for j in range(b):
-            adv = advantages(rewards[j]) if needs_feedback else [0.0] * cfg.k
+            adv = advantages(rewards[j])  # without feedback every r is 1: all 0
             if gates[j] <= 0 or not any(adv):
                 continue
             pg_rows.add(j)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from ..schedule import PlannedStep
+from ..schedule import PlannedStep, plan_of
 
 
 def alignment_batches(n_align: int, batch_size: int, count: int, seed: int) -> list[tuple[int, ...]]:
@@ -54,12 +54,7 @@ def bistate_plan(task_plan: list[PlannedStep], n_align: int, batch_size: int, al
         chunk = task_plan[block * task_steps:(block + 1) * task_steps]
         raw += [("align", chunk[0].epoch, next(align)) for _ in range(align_steps)]
         raw += [("train", t.epoch, t.ids) for t in chunk]
-    plan = []
-    for i, (phase, epoch, ids) in enumerate(raw):
-        first = i == 0 or raw[i - 1][1] != epoch
-        last = i == len(raw) - 1 or raw[i + 1][1] != epoch
-        plan.append(PlannedStep(i, phase, epoch, ids, first, last))
-    return plan
+    return plan_of(raw)
 
 
 def switch_steps(plan: list[PlannedStep]) -> list[int]:
