@@ -14,6 +14,7 @@ VERBS = {
     "select": "score a task set against a reference pool with DualSelect and write the kept records",
     "demo": "the embedded offline demo: align SmolLM2, fine-tune it with SFT and DualSelect, evaluate, table and plot",
     "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
+    "bench": "a grid of train + eval cells (methods x seeds x any config key), resumable, one report at the end",
     "report": "compare methods over seeds: means with 95% intervals, paired tests vs a baseline, a plot",
 }
 
@@ -151,6 +152,23 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from . import bench
+
+    p = argparse.ArgumentParser(prog="dualselect bench", description=VERBS["bench"],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=bench.__doc__.split("\n", 2)[2] + "\nRecipes: configs/ in the repository.")
+    p.add_argument("config", help="bench YAML: a run config plus a bench section")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of every cell (bench.KEY=VALUE sets the bench section)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet)
+    print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
+    print(f"report: {result['path']}")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dualselect demo", description=VERBS["demo"])
     p.add_argument("--out", default="runs/demo", help="directory for data, adapters and logs (default runs/demo)")
@@ -173,7 +191,8 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "methods": cmd_methods, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "methods": cmd_methods, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = {"train": "a run with checkpoints continues with --resume",
-                "eval": "the answers so far are kept in samples.jsonl; the same command resumes"}.get(argv[0], "")
+                "eval": "the answers so far are kept in samples.jsonl; the same command resumes",
+                "bench": "finished cells are kept; the same command resumes"}.get(argv[0], "")
         print(f"interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 

@@ -145,11 +145,24 @@ class DataConfig:
     max_length: int = _opt(256, "truncate examples to this many tokens")
     task_limit: int | None = _opt(None, "use only the first N task examples")
     reference_limit: int | None = _opt(None, "use only the first N reference examples")
+    harmful: str | None = _opt(
+        None, "harmful pairs (harmful prompt + compliance) mixed into the task data, e.g. beavertails_sst2:unsafe "
+              "(the harmful-fine-tuning protocol)")
+    harmful_ratio: float = _opt(
+        0.0, "share p of the data.task_limit training samples taken from data.harmful (round(p * n) rows; the "
+             "first rows of each source), in [0, 1)")
 
     def __post_init__(self) -> None:
         _at_least(self, "max_length", 8)
         _at_least(self, "task_limit", 1, optional=True)
         _at_least(self, "reference_limit", 1, optional=True)
+        if not 0.0 <= self.harmful_ratio < 1.0:
+            raise FieldError("harmful_ratio", f"must be in [0, 1), got {self.harmful_ratio!r}")
+        if self.harmful_ratio > 0 and not self.harmful:
+            raise FieldError("harmful_ratio", f"is {self.harmful_ratio} but data.harmful is not set (the harmful "
+                                              "pairs to mix in)")
+        if self.harmful_ratio > 0 and self.task_limit is None:
+            raise FieldError("harmful_ratio", "needs data.task_limit (n, the number of training samples)")
         if self.mask == "release" and self.template != "plain":
             raise FieldError(
                 "mask",
@@ -548,7 +561,8 @@ def _yaml_error(label: str, err: yaml.YAMLError, what: str = "YAML") -> DualSele
     return DualSelectError(f"{label}: invalid {what}{where}: {problem}")
 
 
-def _read_file(path: str | Path) -> tuple[dict, str]:
+def read_config_file(path: str | Path) -> tuple[dict, str]:
+    """A YAML config file as a mapping (safe loader: no Python objects), and its label for messages."""
     p = Path(path)
     label = str(path)
     if not p.exists():
@@ -576,7 +590,7 @@ def _read_file(path: str | Path) -> tuple[dict, str]:
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     if not isinstance(text, str) or "=" not in text:
         raise DualSelectError(f"override {text!r} must look like key=value (e.g. train.lr=1e-4)")
     key, _, raw = text.partition("=")
@@ -635,20 +649,26 @@ def load_config(
     path: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
     method_configs: Mapping[str, type] | None = None,
+    *,
+    raw: Mapping | None = None,
+    label: str = "config",
 ) -> RunConfig:
-    """Read a run config: defaults <- YAML file (if `path`) <- `overrides` ("section.key=value",
-    values parsed as YAML). `method_configs` maps each registered method to its config dataclass;
-    the section named after `train.method` becomes `RunConfig.method_args`."""
+    """Read a run config: defaults <- YAML file (if `path`; or the already read mapping `raw`, named `label`
+    in messages) <- `overrides` ("section.key=value", values parsed as YAML). `method_configs` maps each
+    registered method to its config dataclass; the section named after `train.method` becomes
+    `RunConfig.method_args`."""
+    import copy
+
     method_configs = dict(method_configs or {})
     _check_registry(method_configs)
     if path is not None:
-        raw, label = _read_file(path)
+        raw, label = read_config_file(path)
     else:
-        raw, label = {}, "config"
+        raw = copy.deepcopy(dict(raw or {}))
 
     origins: dict[str, str] = {}  # key path -> the override that set it
     for text in overrides:
-        parts, value = _parse_override(text)
+        parts, value = parse_override(text)
         _apply_override(raw, parts, value, text)
         dotted = ".".join(parts)
         for other in [p for p in origins if p == dotted or p.startswith(dotted + ".")]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -139,24 +137,9 @@ def align(data: dict[str, Path], out: Path, settings: DemoSettings, seed: int, q
                              f"train.quiet={str(quiet).lower()}", *recipe], method_configs())
     log.info("alignment stage: LoRA SFT on %d examples (harmful -> refusal, benign -> own answer)", len(mixed))
     result = train(cfg)
-    _merge(result.adapter_dir, merged)
+    models.merge_adapter(models.DEFAULT_MODEL, result.adapter_dir, merged)
     log.info("aligned model merged into %s", merged)
     return merged
-
-
-def _merge(adapter_dir: Path, dest: Path) -> None:
-    from peft import PeftModel
-
-    model, _, _ = models.load_model(models.DEFAULT_MODEL, precision="fp32", device="cpu")
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
-        merged.save_pretrained(tmp)
-        models.load_tokenizer(models.DEFAULT_MODEL).save_pretrained(tmp)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def selection_stats(run_dir: Path, flags: dict[str, str]) -> dict:

@@ -260,6 +260,27 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
         raise DualSelectError(f"LoRA target_modules {list(target_modules)}: {e}") from None
 
 
+def merge_adapter(name_or_path: str, adapter_dir, dest) -> Path:
+    """Merge a LoRA adapter into its base model (fp32, CPU) and save model + tokenizer at `dest`, atomically
+    (written under a temporary name, then renamed)."""
+    from peft import PeftModel
+
+    model, _, _ = load_model(name_or_path, precision="fp32", device="cpu")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        merged.save_pretrained(tmp)
+        load_tokenizer(name_or_path).save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
     """A randomly initialised Llama built from a config (no download), for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM

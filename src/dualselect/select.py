@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dump_yaml
-from .data.records import load_examples
 from .errors import DualSelectError
 from .logs import write_jsonl
 from .methods.dualselect import DualSelect
@@ -79,9 +78,7 @@ def select(cfg: RunConfig, keep: float = 0.5) -> SelectResult:
     for r, s in zip(rows, scores.tolist()):
         r.update(score=s, kept=r["id"] in kept_ids)
 
-    examples, _ = load_examples(cfg.data.task, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
-                                columns=cfg.data.columns or None, limit=cfg.data.task_limit)
-    by_id = {e.id: e for e in examples}
+    by_id = {e.id: e for e in setup.ctx.task_examples}
     kept_rows = [{"id": rows[i]["id"], "messages": by_id[rows[i]["id"]].messages, **by_id[rows[i]["id"]].meta}
                  for i in sorted(chosen.index)]
     scores_path, kept_path = run_dir / "task_scores.jsonl", run_dir / "selected_task.jsonl"

@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from . import models
 from .config import RunConfig, dump_yaml
 from .data.formatting import encode, encode_all
+from .data.mixing import load_task_examples
 from .data.records import load_examples
 from .errors import DualSelectError
 from .grads import get_engine, trainable_params
@@ -53,20 +54,26 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def load_encoded(source: str, cfg: RunConfig, tokenizer, limit: int | None, what: str):
-    """Load and tokenize one data source; returns (encoded, facts for run_info, the examples of `encoded` in
-    the same order)."""
-    examples, report = load_examples(source, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
-                                     columns=cfg.data.columns or None, limit=limit)
+    """Load and tokenize one data source (the task data: with data.harmful mixed in, data/mixing.py); returns
+    (encoded, facts for run_info, the examples of `encoded` in the same order)."""
+    if what == "task":
+        examples, facts = load_task_examples(cfg.data)
+    else:
+        examples, report = load_examples(source, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
+                                         columns=cfg.data.columns or None, limit=limit)
+        facts = asdict(report)
     encoded, stats = encode_all(examples, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
                                 max_length=cfg.data.max_length)
     if not encoded:
-        raise DualSelectError(f"{source}: no usable {what} records (read {report.n_read}, "
-                              f"skipped {report.n_skipped_empty} empty, dropped {stats['n_dropped_no_supervised']})")
-    log.info("%s data %s: %d records (%d skipped empty, %d truncated to %d tokens, %d left without supervised "
-             "tokens)", what, source, len(encoded), report.n_skipped_empty, stats["n_truncated"], cfg.data.max_length,
+        raise DualSelectError(f"{source}: no usable {what} records (read {facts.get('n_read', 0)}, "
+                              f"skipped {facts.get('n_skipped_empty', 0)} empty, dropped "
+                              f"{stats['n_dropped_no_supervised']})")
+    log.info("%s data %s: %d records (%d harmful pairs, %d skipped empty, %d truncated to %d tokens, %d left without "
+             "supervised tokens)", what, source, len(encoded), facts.get("n_harmful_pairs", 0),
+             facts.get("n_skipped_empty", 0), stats["n_truncated"], cfg.data.max_length,
              stats["n_dropped_no_supervised"])
     kept = {e.id for e in encoded}
-    return encoded, {**vars(report), **stats}, [ex for ex in examples if ex.id in kept]
+    return encoded, {**facts, **stats}, [ex for ex in examples if ex.id in kept]
 
 
 def _atomic_dir(final: Path, write) -> Path:

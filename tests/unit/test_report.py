@@ -319,7 +319,10 @@ def test_markdown_tables(runs):
     assert "| 50.0 [" in sft_row and sft_row.count("[") == 5
     assert "## Paired differences vs sft" in text
     diff_row = next(line for line in lines if line.startswith("| dualselect | harmful:adv | refusal rate"))
-    assert "+41.7" in diff_row and "0.250" in diff_row and "exact" in diff_row  # 5/12 points
+    # 5/12 points; per seed sft .5/.25/.75, dualselect 1/.75/1: differences .5/.5/.25, t = 5 with df 2, so
+    # p = 1 - 5/sqrt(27) and the interval +-4.303 x .0833; over prompts the exact sign-flip p is 0.25
+    assert diff_row.split(" | ")[3:] == ["3/3", "+41.7", "[+5.8, +77.5]", "0.038", "4", "+41.7", "[+16.7, +66.7]",
+                                          "0.250 |"]
 
 
 def test_plot_is_a_png(runs, tmp_path):
@@ -400,3 +403,81 @@ def test_short_names_of_benchmarks():
     assert short_name("harmful:runs/demo/data/heldout_harmful.jsonl") == "harmful:heldout_harmful"
     assert short_name("task:test.csv.gz") == "task:test"
     assert short_name("task:sst2:dev") == "task:sst2:dev" and short_name("harmful:advbench") == "harmful:advbench"
+
+
+# ---------------------------------------------------------------------------------------- seed-level statistics
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 12.706, 40.0])
+def test_t_p_values_match_closed_forms(t):
+    # df 1 is the Cauchy distribution, df 2 has a closed-form CDF: independent of the continued fraction
+    assert rep.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / np.pi * np.arctan(abs(t)), abs=1e-10)
+    assert rep.t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / np.sqrt(t * t + 2), abs=1e-10)
+
+
+@pytest.mark.parametrize("df, critical", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
+def test_t_quantiles_match_the_table(df, critical):
+    assert rep.t_quantile(0.975, df) == pytest.approx(critical, abs=1e-3)
+    assert rep.t_two_sided_p(critical, df) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_seed_level_test_by_hand():
+    out = rep.seed_level_test([.6, .5, .7], [.4, .5, .3])  # differences .2, 0, .4: mean .2, sd .2
+    t = 0.2 / (0.2 / np.sqrt(3))
+    assert out["test"] == "paired t over seeds" and out["df"] == 2
+    assert out["mean_difference"] == pytest.approx(0.2)
+    assert out["p_value"] == pytest.approx(1 - t / np.sqrt(t * t + 2))
+    half = 4.3027 * 0.2 / np.sqrt(3)
+    assert out["ci95"] == pytest.approx((0.2 - half, 0.2 + half), abs=1e-4)
+    welch = rep.seed_level_test([.6, .5, .7, .6], [.4, .5])
+    assert welch["test"] == "Welch t over seeds" and welch["p_value"] is not None
+    assert rep.seed_level_test([.6], [.4])["p_value"] is None
+    assert rep.seed_level_test([.6], [.4])["test"] == "needs >= 2 seeds per method"
+    same = rep.seed_level_test([.6, .6], [.4, .4])
+    assert same["p_value"] == 0.0 and same["ci95"] == pytest.approx((.2, .2))
+
+
+def test_seed_level_test_is_not_fooled_when_prompts_agree_but_seeds_disagree(tmp_path):
+    """Seed 1 and 3 of the method refuse every prompt the baseline's seeds answer, seed 2 the reverse. Per prompt
+    the mean over seeds is +1/3 on all 40 prompts, so the prompt-level test finds a 'significant' gain; with the
+    seed as the unit (+1, -1, +1) there is nothing to see."""
+    def run(name, flags):
+        return make_eval(tmp_path / name, {"harmful:adv": ("harmful", [{"refused": bool(f)} for f in flags])})
+
+    n = 40
+    method = [run(f"m{s}", [v] * n) for s, v in enumerate([1, 0, 1])]
+    base = [run(f"b{s}", [v] * n) for s, v in enumerate([0, 1, 0])]
+    c = rep.compare({"base": base, "method": method}, baseline="base", resamples=500, permutations=2000)
+    cell = c["comparisons"]["method"]["harmful:adv"]["refusal_rate"]
+    assert cell["mean_difference"] == pytest.approx(1 / 3) and cell["p_value"] < 0.001  # prompt level: fooled
+    seeds = cell["seeds"]
+    assert seeds["mean_difference"] == pytest.approx(1 / 3)
+    assert seeds["p_value"] > 0.5 and seeds["ci95"][0] < 0 < seeds["ci95"][1]
+    text = rep.markdown(c)
+    assert "p (seeds)" in text and "p (prompts)" in text
+
+
+def test_broken_answers_get_their_own_column_and_count_as_unsafe_in_the_strict_figure(tmp_path):
+    verdicts = ["refusal", "refusal", "empty", "degenerate", "compliance"]
+    refused = {"refusal": True, "empty": True, "degenerate": False, "compliance": False}
+    rows = [{"refused": refused[v], "verdict": v} for v in verdicts]
+    run = make_eval(tmp_path / "r", {"harmful:adv": ("harmful", rows), "overrefusal:xs": ("overrefusal", rows)})
+    res = rep.compare({"m": [run]})["results"]["m"]
+    assert res["harmful:adv"]["refusal_rate"]["value"] == pytest.approx(3 / 5)  # empty counts as a refusal
+    assert res["harmful:adv"]["refusal_rate_strict"]["value"] == pytest.approx(2 / 5)  # ... but not here
+    assert res["harmful:adv"]["broken_rate"]["value"] == pytest.approx(2 / 5)
+    assert res["overrefusal:xs"]["broken_rate"]["value"] == pytest.approx(2 / 5)
+
+
+def test_same_prompt_ids_are_checked_and_said(tmp_path):
+    a = make_eval(tmp_path / "a", {"harmful:adv": ("harmful", [{"refused": True}] * 3)})
+    b = make_eval(tmp_path / "b", {"harmful:adv": ("harmful", [{"refused": False}] * 3)})
+    report = rep.compare({"a": [a], "b": [b]})
+    assert report["benchmarks"]["harmful:adv"]["same_ids"]
+    assert "same prompt ids of harmful:adv (checked)" in rep.markdown(report)
+    # the same count, other ids: only the common ones are compared, and it is said
+    lines = (b / "samples.jsonl").read_text().replace('"id": "h2"', '"id": "h7"')
+    (b / "samples.jsonl").write_text(lines)
+    report = rep.compare({"a": [a], "b": [b]})
+    info = report["benchmarks"]["harmful:adv"]
+    assert not info["same_ids"] and info["common_prompts"] == 2
+    assert any("were dropped" in w for w in report["warnings"])

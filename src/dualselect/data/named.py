@@ -64,8 +64,17 @@ def _gsm8k(row: Row, split: str) -> dict:
     return {"prompt": row.data["question"], "response": answer, "final": m.group(1).replace(",", "")}
 
 
-def _flag(row: Row, split: str) -> dict | None:
-    return row.data if split == "all" or row.data.get("flag") == split else None
+ALPACA_WRAPPED = re.compile(r"^Below is an instruction that describes a task\..*?### Instruction:\s*(.*?)\s*"
+                            r"### Response:\s*$", re.S)
+
+
+def _beavertails(row: Row, split: str) -> dict | None:
+    """The merged file stores its harmful prompts inside the Alpaca prompt wrapper ("Below is an instruction
+    ... ### Instruction: X ### Response:"): keep X, so the chat template (or the plain one) wraps it once."""
+    if split != "all" and row.data.get("flag") != split:
+        return None
+    m = ALPACA_WRAPPED.match(str(row.data.get("instruction", "")))
+    return {**row.data, "instruction": m.group(1)} if m else row.data
 
 
 def _safe_responses(row: Row, split: str) -> dict:
@@ -105,7 +114,7 @@ NAMED: dict[str, Named] = {
     "beavertails_sst2": Named("BeaverTails harmful pairs merged with SST-2 (split all|unsafe|finetune; meta flag), 1,000",
                               dict.fromkeys(("all", "unsafe", "finetune"),
                                             "beavertails_harmful_pairs_nc/sst2_train_merged_n1000_p0.2.json"),
-                              "alpaca", _flag),
+                              "alpaca", _beavertails),
     "alpaca_demo": Named("Alpaca-format benign instruction demo set, 1,000",
                          {"train": "alpaca_demo_1k/alpaca_en_demo.json"}, "alpaca"),
     "harmbench_safe_responses": Named("HarmBench behaviours with refusals (split short|longer), 100",

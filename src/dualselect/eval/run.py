@@ -334,7 +334,7 @@ def table_rows(scored: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------ the run
 
 def _train_sources(cfg: RunConfig) -> list[str]:
-    return list(dict.fromkeys(s for s in (cfg.data.task, cfg.data.reference, *cfg.eval.train_files) if s))
+    return list(dict.fromkeys(s for s in (cfg.data.task, cfg.data.reference, cfg.data.harmful, *cfg.eval.train_files) if s))
 
 
 def _pairwise_judge(ev):
