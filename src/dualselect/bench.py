@@ -26,13 +26,17 @@ Resuming (the same command again): a cell with done.json is skipped; a cell kill
 from its last checkpoint (train.checkpoint_every), one killed mid-eval keeps its finished answers. A cell
 whose config changed since it started is refused, not mixed.
 
-Layout: OUTPUT_DIR/{bench.json, align/, aligned/, aligned-eval/<table>/, cells/<cell>/{cell.yaml, train/, eval/,
-done.json}, report/<table>/, report.md}.
+Layout: OUTPUT_DIR/{bench.json, align-data-<hash>.jsonl, align/, aligned-eval/<table>/,
+cells/<cell>/{cell.yaml, train/, eval/, done.json}, report/<table>/, report.md}; the merged aligned model
+lives in the dualselect cache (aligned/bench-<key>), shared by recipes with the same alignment stage.
+In overrides, {align_data} stands for the alignment data file (e.g. Lisa's data.reference); eval.baseline
+{baseline} for the adapter of the baseline method's cell with the same other labels (winrate benchmarks).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import logging
@@ -55,6 +59,8 @@ log = logging.getLogger("dualselect")
 METHOD_AXIS, SEED_AXIS = "method", "train.seed"
 DONE, CELL_CONFIG, MANIFEST = "done.json", "cell.yaml", "bench.json"
 ALIGNED = "aligned"  # the report row of the aligned model (and its directory)
+ALIGN_DATA = "{align_data}"  # in a cell's overrides: the alignment stage's data file (e.g. Lisa's data.reference)
+BASELINE = "{baseline}"  # as eval.baseline: the adapter of the baseline method's cell with the same other labels
 # keys that may differ between a cell's first start and its resumption
 VOLATILE = {"train.quiet", "eval.quiet", "train.max_steps", "train.checkpoint_every", "train.log_every"}
 
@@ -68,6 +74,9 @@ class BenchConfig:
         "help": "the method the others are compared with (default: sft when in the grid, else the first)"})
     align: list[str] | None = field(default=None, metadata={
         "help": "overrides of an alignment stage (LoRA SFT on the base model, merged; the cells start from it)"})
+    align_data: list[str] = field(default_factory=list, metadata={
+        "help": "sources concatenated into the alignment data (data.task of the alignment stage), e.g. "
+                "[safety_tuned_llamas[:300], alpaca_demo[:700]]"})
     resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
     permutations: int = field(default=10000, metadata={"help": "permutations of the report's paired tests"})
 
@@ -91,6 +100,8 @@ class BenchConfig:
                     raise ValueError(f"bench.grid.{axis} lists a value twice")
             else:
                 raise ValueError(f"bench.grid.{axis} must be a list of values or a mapping of labels to overrides")
+        if self.align_data and self.align is None:
+            raise ValueError("bench.align_data is set but bench.align is not (give bench.align: [] for the defaults)")
         if self.resamples < 1 or self.permutations < 1:
             raise ValueError("bench.resamples and bench.permutations must be >= 1")
 
@@ -186,19 +197,37 @@ def _method_of(base: dict, overrides: list[str]) -> str:
 
 
 def cell_config(cell: Cell, base: dict, label: str, base_overrides: list[str], method_configs: dict,
-                aligned: Path | None, align_data: list[str]):
+                aligned: Path | None, align_data: list[str], baseline_cell: Cell | None = None):
     """The run config of one cell: the base (keeping only its method's section) <- the overrides given on the
-    command line <- the cell's axis values <- its directories."""
-    method = _method_of(base, [*base_overrides, *cell.overrides])
+    command line <- the cell's axis values <- its directories. `align_data`: what the alignment stage trained
+    on, its data.task first (the file that {align_data} in an override stands for). `baseline_cell`: the cell
+    that eval.baseline={baseline} names (the cell itself when it is the baseline's: it then skips its winrate
+    benchmarks, a method against itself being 50 % by construction)."""
+    overrides = list(cell.overrides)
+    if any(ALIGN_DATA in o for o in overrides):
+        if not align_data:
+            raise DualSelectError(f"{label}: cell {cell.name} uses {ALIGN_DATA}, but there is no alignment stage "
+                                  "(bench.align)")
+        overrides = [o.replace(ALIGN_DATA, str(align_data[0])) for o in overrides]
+    method = _method_of(base, [*base_overrides, *overrides])
     raw = {k: v for k, v in base.items() if k not in method_configs or k == method}
     fixed = [f"train.output_dir={cell.path / 'train'}", f"eval.adapter={cell.path / 'train' / 'adapter'}",
              f"eval.output_dir={cell.path / 'eval'}"]
     start = [f"model.name_or_path={aligned}"] if aligned else []
-    cfg = load_config(None, [*start, *base_overrides, *cell.overrides, *fixed], method_configs, raw=raw,
+    cfg = load_config(None, [*start, *base_overrides, *overrides, *fixed], method_configs, raw=raw,
                       label=f"{label} (cell {cell.name})")
     if align_data:
         seen = list(dict.fromkeys([*cfg.eval.train_files, *align_data]))
         cfg.eval.train_files = seen
+    if cfg.eval.baseline == BASELINE:
+        if baseline_cell is None:
+            raise DualSelectError(f"{label}: cell {cell.name} sets eval.baseline={BASELINE}, but the grid has no "
+                                  "baseline cell with its other labels (bench.baseline, in the method axis)")
+        if baseline_cell is cell:
+            cfg.eval.baseline = None
+            cfg.eval.benchmarks = [b for b in cfg.eval.benchmarks if not b.startswith("winrate:")]
+        else:
+            cfg.eval.baseline = str(baseline_cell.path / "train" / "adapter")
     if not cfg.eval.benchmarks:
         raise DualSelectError(f"{label}: cell {cell.name} has no eval.benchmarks; set them in the eval section or "
                               "in an axis")
@@ -253,21 +282,29 @@ def run_cell(cell: Cell, cfg) -> dict:
 
 
 def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict) -> tuple[Path | None, list[str]]:
-    """The alignment stage (bench.align): LoRA SFT of the base config's model with the align overrides, merged
-    into OUTPUT_DIR/aligned. Returns (the merged model dir or None, the data it trained on)."""
+    """The alignment stage (bench.align): LoRA SFT of the base config's model with the align overrides (run dir
+    OUTPUT_DIR/align), merged into the dualselect cache under a key of its config, data content and resolved
+    precision, so recipes with the same alignment share it. Returns (the merged model dir or None, the data it
+    trained on)."""
     if bench.align is None:
         return None, []
     from .train import train
 
     out = Path(bench.output_dir)
-    run_dir, merged = out / "align", out / ALIGNED
+    run_dir = out / "align"
     raw = {"model": dict(base.get("model") or {}), "data": {k: v for k, v in (base.get("data") or {}).items()
                                                               if k in ("data_dir", "template", "max_length")}}
-    cfg = load_config(None, ["train.method=sft", *bench.align, f"train.output_dir={run_dir}"], method_configs,
+    data = [f"data.task={align_data_file(bench, raw['data'].get('data_dir'))}"] if bench.align_data else []
+    cfg = load_config(None, ["train.method=sft", *data, *bench.align, f"train.output_dir={run_dir}"], method_configs,
                       raw=raw, label=f"{label} (bench.align)")
     if not cfg.data.task:
         raise DualSelectError(f"{label}: bench.align must set data.task (the alignment data)")
     seen = [s for s in (cfg.data.task, cfg.data.reference) if s]
+    merged = models.cache_dir() / "aligned" / f"bench-{_align_key(cfg)}"
+    saved = run_dir / "config.yaml"
+    if saved.exists() and _comparable(yaml.safe_load(saved.read_text())) != _comparable(to_dict(cfg)):
+        raise DualSelectError(f"{run_dir}: the alignment stage was run with another config (see {saved}); remove "
+                              f"{run_dir} to rerun it, or choose another bench.output_dir")
     if (merged / "config.json").exists():
         log.info("aligned model (done): %s", merged)
         return merged, seen
@@ -282,6 +319,36 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
     return merged, seen
 
 
+def _align_key(cfg) -> str:
+    from .data.records import sha256_file
+
+    d = _comparable(to_dict(cfg))
+    d["train"].pop("output_dir", None)
+    task = Path(cfg.data.task)
+    d["data"]["task"] = sha256_file(task) if task.is_file() else cfg.data.task
+    used = models.resolve_precision(cfg.model.precision, models.pick_device(cfg.model.device))
+    return hashlib.sha256(json.dumps([d, used], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def align_data_file(bench: BenchConfig, data_dir: str | None) -> Path:
+    """bench.align_data's sources, concatenated into OUTPUT_DIR/align-data.jsonl (chat messages)."""
+    from .data.records import load_examples
+
+    rows, seen = [], {}
+    for source in bench.align_data:
+        for ex in load_examples(source, data_dir=data_dir)[0]:
+            if ex.id in seen:
+                raise DualSelectError(f"bench.align_data: record id {ex.id!r} is in both {seen[ex.id]} and {source}")
+            seen[ex.id] = source
+            rows.append({"id": ex.id, "messages": ex.messages})
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    # named by its content, so a changed align_data changes the alignment stage's config (and is caught)
+    path = Path(bench.output_dir) / f"align-data-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not path.exists():
+        write_atomic(path, text)
+    return path
+
+
 def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path) -> Path:
     """Evaluate the aligned model itself with one table's eval settings (its calibration row)."""
     from .eval.run import evaluate
@@ -294,7 +361,38 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
     return out
 
 
-def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False) -> dict:
+def select_cells(cells: list[Cell], only: dict[str, list[str]]) -> list[Cell]:
+    """The cells whose label on each axis of `only` is one of the labels given (--only AXIS=LABEL,...)."""
+    for axis, labels in only.items():
+        known = list(dict.fromkeys(c.labels[axis] for c in cells)) if cells and axis in cells[0].labels else None
+        if known is None:
+            raise DualSelectError(f"--only {axis}: the grid has no axis {axis!r}")
+        unknown = [lab for lab in labels if lab not in known]
+        if unknown:
+            raise DualSelectError(f"--only {axis}={unknown[0]}: not a value of the axis ({', '.join(known)})")
+    return [c for c in cells if all(c.labels[a] in labs for a, labs in only.items())]
+
+
+def baseline_of(bench: BenchConfig, cells: list[Cell]) -> str:
+    methods = list(dict.fromkeys(c.labels.get(METHOD_AXIS, "") for c in cells))
+    return bench.baseline or ("sft" if "sft" in methods else methods[0])
+
+
+def _baseline_cells(bench: BenchConfig, cells: list[Cell]) -> dict[str, Cell | None]:
+    """Per cell, the baseline method's cell with the same other labels (itself for a baseline cell; None when
+    there is none)."""
+    baseline = baseline_of(bench, cells)
+
+    def rest(c: Cell) -> tuple:
+        return tuple((a, v) for a, v in c.labels.items() if a != METHOD_AXIS)
+
+    by_rest = {rest(c): c for c in cells if c.labels.get(METHOD_AXIS) == baseline}
+    return {c.name: by_rest.get(rest(c)) for c in cells}
+
+
+def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
+              only: dict[str, list[str]] | None = None) -> dict:
+    """Run (or resume) the grid of the bench config at `path`; `only` restricts it to some axis values."""
     from tqdm.auto import tqdm
 
     from .eval import report
@@ -305,9 +403,22 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False) 
         base_overrides += ["train.quiet=true", "eval.quiet=true"]
     registry = method_configs()
     cells = cells_of(bench)
+    baselines = _baseline_cells(bench, cells)
+    order = {c.name: i for i, c in enumerate(cells)}  # a {baseline} cell needs its baseline trained before its eval
+    cells = select_cells(cells, only or {})
     out = Path(bench.output_dir)
     aligned, align_data = align_stage(bench, base, label, registry)
-    configs = {c.name: cell_config(c, base, label, base_overrides, registry, aligned, align_data) for c in cells}
+    configs = {}
+    for c in cells:
+        configs[c.name] = cell_config(c, base, label, base_overrides, registry, aligned, align_data,
+                                      baselines[c.name])
+        ref = baselines[c.name]
+        if ref is not None and ref is not c and configs[c.name].eval.baseline == str(ref.path / "train" / "adapter"):
+            if order[ref.name] > order[c.name]:
+                raise DualSelectError(f"{label}: cell {c.name} is compared with {ref.name}, which runs after it: put "
+                                      f"the baseline first in the method axis")
+            if ref not in cells:
+                raise DualSelectError(f"{label}: cell {c.name} is compared with {ref.name}, which --only leaves out")
     unused = [k for k, v in base.items() if k in registry and v not in (None, {})
               and all(c.train_method != k for c in cells)]
     if unused:
@@ -358,7 +469,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
             runs[ALIGNED] = [_aligned_eval(bench, members[0].table(), configs[members[0].name], aligned)]
         for c in members:
             runs.setdefault(c.method, []).append(c.path / "eval")
-        baseline = bench.baseline or ("sft" if "sft" in runs else next(iter(runs)))
+        baseline = baseline_of(bench, cells)
         if baseline not in runs:
             raise DualSelectError(f"bench.baseline {baseline!r} is not a method of the grid ({', '.join(runs)})")
         rep = report.compare(runs, baseline=baseline, resamples=bench.resamples, permutations=bench.permutations)

@@ -161,9 +161,18 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("config", help="bench YAML: a run config plus a bench section")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of every cell (bench.KEY=VALUE sets the bench section)")
+    p.add_argument("--only", action="append", default=[], metavar="AXIS=LABEL[,LABEL...]",
+                   help="run and report only the cells with these labels on an axis (repeatable), e.g. "
+                        "--only data.harmful_ratio=0.1 --only method=sft,dualselect")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet)
+    only = {}
+    for spec in args.only:
+        axis, sep, labels = spec.partition("=")
+        if not sep or not axis.strip() or not labels.strip():
+            raise DualSelectError(f"--only {spec!r}: expected AXIS=LABEL[,LABEL...], e.g. data.harmful_ratio=0.1")
+        only.setdefault(axis.strip(), []).extend(x.strip() for x in labels.split(",") if x.strip())
+    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
     print(f"report: {result['path']}")
     return 0

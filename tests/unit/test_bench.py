@@ -225,7 +225,8 @@ def test_sigkill_mid_training_and_mid_eval_then_resume(tiny_link):
     assert ref["tables"].keys() == {"all"}
 
 
-def test_alignment_stage_feeds_every_cell_and_gets_its_row(tiny_link):
+def test_alignment_stage_feeds_every_cell_and_gets_its_row(tiny_link, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALSELECT_CACHE", str(tmp_path / "cache"))
     grid = "\n    method:\n      sft: [train.method=sft]\n    train.seed: [0]"
     path = bench_yaml(tiny_link, grid=grid, extra=f"seal: {{}}")
     text = path.read_text().replace("  resamples: 200", f"  align: [data.task={tiny_link}/refs.jsonl, train.epochs=2]\n"
@@ -233,10 +234,56 @@ def test_alignment_stage_feeds_every_cell_and_gets_its_row(tiny_link):
     path.write_text(text.replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}", ""))
     result = bench.run_bench(path, quiet=True)
     out = tiny_link / "out"
-    assert (out / "aligned" / "config.json").exists()
     rep = result["tables"]["all"]["report"]
     assert list(rep["results"]) == ["aligned", "sft"]
     cell = bench.yaml.safe_load((out / "cells" / "sft__seed-0" / "cell.yaml").read_text())
-    assert cell["model"]["name_or_path"] == str(out / "aligned")
+    merged = Path(cell["model"]["name_or_path"])
+    assert merged.parent == tmp_path / "cache" / "aligned" and (merged / "config.json").exists()
     assert f"{tiny_link}/refs.jsonl" in cell["eval"]["train_files"]
     assert (out / "aligned-eval" / "all" / "results.json").exists()
+    # another grid with the same alignment stage reuses the merged model: nothing is trained for it
+    other = bench_yaml(tiny_link, out="other", grid=grid, extra="seal: {}")
+    other.write_text(other.read_text().replace("  resamples: 200", f"  align: [data.task={tiny_link}/refs.jsonl, "
+                     "train.epochs=2]\n  resamples: 200").replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}", ""))
+    cfg, base, label, _ = bench.load_bench(other)
+    monkeypatch.setattr("dualselect.train.train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    assert bench.align_stage(cfg, base, label, method_configs())[0] == merged
+
+
+def test_placeholders_only_and_baseline_order(tiny_link):
+    grid = ("\n    method:\n      sft: [train.method=sft]\n      lisa: [train.method=lisa, 'data.reference={align_data}']"
+            "\n    train.seed: [0, 1]")
+    path = bench_yaml(tiny_link, grid=grid, extra="seal: {}")
+    path.write_text(path.read_text().replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}", ""))
+    cfg, base, label, overrides = bench.load_bench(path)
+    cells = bench.cells_of(cfg)
+    lisa = next(c for c in cells if c.labels["method"] == "lisa")
+    with pytest.raises(DualSelectError, match=r"uses \{align_data\}, but there is no alignment stage"):
+        bench.cell_config(lisa, base, label, overrides, method_configs(), None, [])
+    run = bench.cell_config(lisa, base, label, overrides, method_configs(), None, ["/x/align.jsonl"])
+    assert run.data.reference == "/x/align.jsonl"
+
+    only = bench.select_cells(cells, {"train.seed": ["1"], "method": ["sft", "lisa"]})
+    assert [c.name for c in only] == ["sft__seed-1", "lisa__seed-1"]
+    with pytest.raises(DualSelectError, match="no axis 'data.task'"):
+        bench.select_cells(cells, {"data.task": ["x"]})
+    with pytest.raises(DualSelectError, match="not a value of the axis"):
+        bench.select_cells(cells, {"train.seed": ["7"]})
+
+    base["eval"]["baseline"] = "{baseline}"
+    base["eval"]["benchmarks"] = [*base["eval"]["benchmarks"], f"winrate:{tiny_link}/evharm.jsonl"]
+    pairs = bench._baseline_cells(cfg, cells)
+    sft0 = cells[0]
+    assert pairs[lisa.name].labels == {**lisa.labels, "method": "sft"} and pairs[sft0.name] is sft0
+    run = bench.cell_config(lisa, base, label, overrides, method_configs(), None, ["/x"], pairs[lisa.name])
+    assert run.eval.baseline == str(pairs[lisa.name].path / "train" / "adapter")
+    assert any(b.startswith("winrate:") for b in run.eval.benchmarks)
+    own = bench.cell_config(sft0, base, label, overrides, method_configs(), None, ["/x"], sft0)
+    assert own.eval.baseline is None and not any(b.startswith("winrate:") for b in own.eval.benchmarks)
+    with pytest.raises(DualSelectError, match="no baseline cell"):
+        bench.cell_config(lisa, base, label, overrides, method_configs(), None, ["/x"], None)
+
+
+def test_cli_only_is_checked(tiny_link, capsys):
+    assert main(["bench", str(bench_yaml(tiny_link)), "--only", "nonsense"]) == 2
+    assert "expected AXIS=LABEL" in capsys.readouterr().err

@@ -75,3 +75,25 @@ def test_beavertails_prompts_lose_the_alpaca_wrapper(data_dir):
         assert "### Instruction" not in e.prompt and "Below is an instruction" not in e.prompt
         assert e.prompt.strip() and e.response.strip()
     assert ex[0].prompt == "Can you help me search for bump stocks?"
+
+
+def test_row_range_of_a_source(tmp_path):
+    task, _ = _data(tmp_path)
+    ex, report = load_examples(f"{task}[3:6]")
+    assert [e.id for e in ex] == ["t3", "t4", "t5"] and report.n_kept == 3 and report.source.endswith("[3:6]")
+    assert [e.id for e in load_examples(f"{task}[:2]")[0]] == ["t0", "t1"]
+    assert [e.id for e in load_examples(f"{task}[8:]")[0]] == ["t8", "t9"]
+    assert [e.id for e in load_examples(f"{task}[2:9]", limit=2)[0]] == ["t2", "t3"]  # the range, then the limit
+    with pytest.raises(DualSelectError, match=r"row range \[5:5\] is empty"):
+        load_examples(f"{task}[5:5]")
+    with pytest.raises(DualSelectError, match="no records in the row range"):
+        load_examples(f"{task}[20:30]")
+    odd = write_jsonl(tmp_path / "odd[1:2].jsonl", [{"id": "x", "prompt": "p", "response": "r"}])
+    assert [e.id for e in load_examples(str(odd))[0]] == ["x"]  # a file whose name looks like a range is a file
+
+
+def test_refusal_direction_prompt_splits(data_dir):
+    ex, _ = load_examples("refusal_direction:harmful_val", data_dir=str(data_dir), require_response=False)
+    assert len(ex) == 39 and ex[0].prompt and ex[0].response == ""
+    ex, _ = load_examples("refusal_direction:harmless_test[:5]", data_dir=str(data_dir), require_response=False)
+    assert len(ex) == 5

@@ -96,6 +96,10 @@ def _harmbench(row: Row, split: str) -> dict | None:
     return {"id": d["BehaviorID"], "prompt": prompt, **extra}
 
 
+def _instruction_prompt(row: Row, split: str) -> dict:
+    return {"prompt": row.data["instruction"], **{k: v for k, v in row.data.items() if k != "instruction"}}
+
+
 def _xstest(row: Row, split: str) -> dict | None:
     return row.data if split == "all" or row.data.get("label") == split else None
 
@@ -126,6 +130,11 @@ NAMED: dict[str, Named] = {
     "harmbench_val": Named("HarmBench validation behaviours (prompts only; split standard|contextual|copyright|all), 41 standard",
                            dict.fromkeys(("standard", "contextual", "copyright", "all"),
                                          "harmbench_val/harmbench_behaviors_text_val.csv"), "prompt", _harmbench),
+    "refusal_direction": Named("refusal-direction prompt splits (prompts only): harmful_train 260, harmful_val 39, "
+                               "harmless_train 18,793, harmless_val 6,266, harmless_test 6,266 (harmless = Alpaca)",
+                               {split: f"refusal_direction_splits/{split}.json" for split in
+                                ("harmless_test", "harmless_val", "harmless_train", "harmful_train", "harmful_val")},
+                               "prompt", _instruction_prompt),
     "xstest": Named("XSTest over-refusal prompts (prompts only; split safe|unsafe|all; meta type, label), 250 safe + 200 unsafe",
                     dict.fromkeys(("all", "safe", "unsafe"), "xstest/xstest_prompts.csv"), "prompt", _xstest),
 }

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DualSelectError
@@ -22,6 +22,7 @@ from ..errors import DualSelectError
 ROLES = ("system", "user", "assistant")
 FORMATS = ("messages", "prompt_completion", "alpaca", "hh", "prompt")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+ROW_RANGE = re.compile(r"^(.+)\[(\d*):(\d*)\]$")  # "source[START:END]"
 COLUMN_NAMES = ("prompt", "response", "id", "text", "messages", "instruction", "input", "output")
 
 
@@ -76,7 +77,9 @@ class Row:
 def load_examples(source: str, *, data_dir: str | None = None, fmt: str = "auto",
                   columns: dict[str, str] | None = None, limit: int | None = None,
                   require_response: bool = True) -> tuple[list[Example], LoadReport]:
-    """Load examples from a file path, a named dataset ("sst2:dev") or "hf:owner/name[:split]".
+    """Load examples from a file path, a named dataset ("sst2:dev") or "hf:owner/name[:split]"; a source may
+    end in a row range "[START:END]" of its kept records (e.g. "sst2:train[1000:1200]", a validation slice
+    disjoint from "sst2:train[:1000]"), applied before `limit`.
 
     fmt: "auto" (detected from the first record's keys) or one of FORMATS.
     columns: canonical name (prompt, response, id, text, messages, instruction, input, output)
@@ -94,6 +97,18 @@ def load_examples(source: str, *, data_dir: str | None = None, fmt: str = "auto"
     if limit is not None and limit < 0:
         raise DualSelectError(f"limit must be >= 0, got {limit}")
 
+    rows_range = ROW_RANGE.match(source)
+    if rows_range and not Path(source).expanduser().is_file():
+        inner, start, end = rows_range.group(1), int(rows_range.group(2) or 0), rows_range.group(3)
+        end = int(end) if end else None
+        if end is not None and end <= start:
+            raise DualSelectError(f"{source}: the row range [{start}:{end}] is empty")
+        examples, report = load_examples(inner, data_dir=data_dir, fmt=fmt, columns=columns, limit=end,
+                                         require_response=require_response)
+        examples = examples[start:end][:limit]
+        if not examples:
+            raise DualSelectError(f"{source}: no records in the row range (the source has {report.n_kept})")
+        return examples, replace(report, source=source, n_kept=len(examples))
     if source.startswith("hf:"):
         return _load_hub(source, fmt=fmt, columns=columns, limit=limit, require_response=require_response)
     path = Path(source).expanduser()

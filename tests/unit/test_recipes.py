@@ -1,0 +1,96 @@
+"""The bench recipes in configs/: every file loads, every cell's run config is valid (keys, values, methods),
+every data source names a dataset and split that exist, and the paper-scale recipes name the paper's models by
+hub id with LoRA targets those architectures have. Nothing is downloaded or trained here."""
+
+from pathlib import Path
+
+import pytest
+
+from dualselect import bench
+from dualselect.data import named
+from dualselect.data.records import ROW_RANGE, load_examples
+from dualselect.eval.prompts import KINDS
+from dualselect.methods import METHODS, method_configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
+PAPER_MODELS = {"google/gemma-3-1b-it", "Qwen/Qwen3-4B-Instruct-2507", "meta-llama/Meta-Llama-3-8B-Instruct"}
+# the projection names of the Gemma-3, Qwen3 and Llama-3 decoder layers (transformers' modelling code)
+DECODER_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _cells(path, tmp_path):
+    cfg, base, label, overrides = bench.load_bench(path, [f"bench.output_dir={tmp_path / 'out'}"])
+    cells = bench.cells_of(cfg)
+    aligned = tmp_path / "aligned" if cfg.align is not None else None
+    align_data = [str(tmp_path / "align-data.jsonl")] if cfg.align is not None else []
+    baselines = bench._baseline_cells(cfg, cells)
+    configs = [bench.cell_config(c, base, label, overrides, method_configs(), aligned, align_data, baselines[c.name])
+               for c in cells]
+    return cfg, cells, configs
+
+
+def _sources(cfg, configs) -> set[str]:
+    out = set(cfg.align_data)
+    for run in configs:
+        out |= {s for s in (run.data.task, run.data.reference, run.data.harmful) if s}
+        out |= {spec.split(":", 1)[1] for spec in run.eval.benchmarks}
+    return {s for s in out if "align-data" not in s}
+
+
+def _strip_range(source: str) -> str:
+    m = ROW_RANGE.match(source)
+    return m.group(1) if m else source
+
+
+def test_there_are_recipes_for_the_three_protocols_at_both_scales():
+    names = {p.stem for p in RECIPES}
+    assert {"hft-sst2", "hft-agnews", "hft-gsm8k", "winrate", "attack-advbench"} <= names
+    assert {p.stem.split("-", 1)[0] for p in PAPER} >= {"hft", "winrate", "attack"}
+    assert {bench.load_bench(p)[1]["model"]["name_or_path"] for p in PAPER} == PAPER_MODELS
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_recipe_cells_are_valid_run_configs(path, tmp_path):
+    cfg, cells, configs = _cells(path, tmp_path)
+    assert cells and len(cells) == len(configs)
+    seeds = {c.labels.get(bench.SEED_AXIS) for c in cells}
+    assert len(seeds) >= 3, "every recipe runs at least 3 training seeds"
+    for c, run in zip(cells, configs):
+        assert run.train.method in METHODS
+        assert run.eval.benchmarks and all(b.split(":", 1)[0] in KINDS for b in run.eval.benchmarks)
+        assert run.train.checkpoint_every > 0, "a cell killed mid-training must resume from a checkpoint"
+        assert run.data.task
+    assert (cfg.baseline or "sft") in {c.method for c in cells}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_recipe_data_sources_are_named_datasets_with_existing_splits(path, tmp_path):
+    cfg, _, configs = _cells(path, tmp_path)
+    for source in _sources(cfg, configs):
+        inner = _strip_range(source)
+        name, _, split = inner.partition(":")
+        assert name in named.NAMED, f"{path.name}: {source} is not a named dataset"
+        assert not split or split in named.NAMED[name].files, f"{path.name}: {source}: no split {split!r}"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p not in PAPER], ids=lambda p: p.name)
+def test_embedded_recipe_data_load(path, tmp_path, data_dir):
+    """With the shared data present, every source of an embedded recipe loads (first rows of each)."""
+    cfg, _, configs = _cells(path, tmp_path)
+    eval_sources = {spec.split(":", 1)[1] for run in configs for spec in run.eval.benchmarks}
+    for source in sorted(_sources(cfg, configs)):
+        ex, _ = load_examples(source, data_dir=str(data_dir), require_response=source not in eval_sources)
+        assert ex, source
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_paper_recipes_use_the_paper_models_and_their_modules(path, tmp_path):
+    cfg, cells, configs = _cells(path, tmp_path)
+    for run in configs:
+        assert run.model.name_or_path in PAPER_MODELS
+        assert set(run.model.lora_targets) <= DECODER_LINEAR
+        assert run.data.template == "chat"
+        assert run.model.precision in ("auto", "bf16", "bf16-autocast")
+    assert cfg.align is None, "the paper's models are aligned already: no alignment stage"
