@@ -53,6 +53,8 @@ from . import models
 from .config import dump_yaml, from_dict, load_config, parse_override, read_config_file, to_dict
 from .errors import DualSelectError
 from .logs import write_atomic
+from .tune import TuneConfig, tune_stage
+from .tune import markdown as tune_markdown
 
 log = logging.getLogger("dualselect")
 
@@ -77,6 +79,8 @@ class BenchConfig:
     align_data: list[str] = field(default_factory=list, metadata={
         "help": "sources concatenated into the alignment data (data.task of the alignment stage), e.g. "
                 "[safety_tuned_llamas[:300], alpaca_demo[:700]]"})
+    tune: TuneConfig | None = field(default=None, metadata={
+        "help": "validation-based tuning of some methods' settings before the grid (see dualselect.tune)"})
     resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
     permutations: int = field(default=10000, metadata={"help": "permutations of the report's paired tests"})
 
@@ -408,6 +412,9 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     cells = select_cells(cells, only or {})
     out = Path(bench.output_dir)
     aligned, align_data = align_stage(bench, base, label, registry)
+    tuned = _tune(bench, cells, base, label, base_overrides, registry, aligned, align_data)
+    for c in cells:
+        c.overrides = [*c.overrides, *tuned.get("overrides", {}).get(c.labels.get(METHOD_AXIS), [])]
     configs = {}
     for c in cells:
         configs[c.name] = cell_config(c, base, label, base_overrides, registry, aligned, align_data,
@@ -444,7 +451,32 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
         durations.append(done["train_seconds"] + done["eval_seconds"])
         bar.update(1)
     bar.close()
-    return write_bench_report(bench, cells, configs, aligned, report)
+    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"))
+
+
+def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_overrides: list[str],
+          registry: dict, aligned: Path | None, align_data: list[str]) -> dict:
+    """bench.tune's stage (dualselect.tune): the tuning cells, scored on validation prompts, before the grid."""
+    if bench.tune is None:
+        return {}
+    methods = set(_axis_labels(bench, METHOD_AXIS))
+    unknown = [m for m in bench.tune.space if m not in methods]
+    if unknown:
+        raise DualSelectError(f"{label}: bench.tune.space names {unknown[0]!r}, which is not a label of the method "
+                              f"axis ({', '.join(sorted(methods))})")
+    ref = _baseline_cells(bench, cells)
+    test = sorted({b for c in cells for b in cell_config(c, base, label, base_overrides, registry, aligned,
+                                                          align_data, ref[c.name]).eval.benchmarks})
+
+    def configure(c: Cell):
+        return cell_config(c, base, label, base_overrides, registry, aligned, align_data)
+
+    return tune_stage(bench, cells, configure, run_cell, test, label)
+
+
+def _axis_labels(bench: BenchConfig, axis: str) -> list[str]:
+    values = bench.grid.get(axis)
+    return [] if values is None else [label for label, _ in _axis_values(axis, values)]
 
 
 def _seconds(path: Path) -> float:
@@ -460,7 +492,8 @@ def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:
     return tables
 
 
-def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report) -> dict:
+def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report,
+                       tuning: dict | None = None) -> dict:
     out = Path(bench.output_dir)
     sections, written = [], {}
     for key, members in tables_of(cells).items():
@@ -477,6 +510,10 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         written[key] = report.write_report(rep, dest)
         sections.append(f"## {key}\n\n{report.markdown(written[key]['report'])}")
     seconds = sum(_seconds(c.path / DONE) for c in cells)
+    if tuning and tuning.get("methods"):
+        tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
+        minutes = sum(_seconds(p) for p in tuned) / 60
+        sections.insert(0, f"## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, {minutes:.1f} min.")
     text = (f"# Bench {out}\n\n{len(cells)} cells; train + eval time of the cells {seconds / 60:.1f} min.\n\n"
             + "\n\n".join(sections))
     write_atomic(out / "report.md", text)

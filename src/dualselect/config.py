@@ -402,7 +402,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except _Issue as issue:
-                if issue.path != path:
+                if issue.path != path or issue.whole_section:  # a nested key, or the nested section's own check
                     deeper.append(issue)
         if len(options) == 1 and deeper:
             raise deeper[0]  # e.g. a bad item inside an Optional list: name the item
