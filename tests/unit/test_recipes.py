@@ -32,7 +32,7 @@ def _cells(path, tmp_path):
 
 
 def _sources(cfg, configs) -> set[str]:
-    out = set(cfg.align_data)
+    out = set(cfg.align_data) | ({b.split(":", 1)[1] for b in cfg.tune.benchmarks} if cfg.tune else set())
     for run in configs:
         out |= {s for s in (run.data.task, run.data.reference, run.data.harmful) if s}
         out |= {spec.split(":", 1)[1] for spec in run.eval.benchmarks}
@@ -79,7 +79,8 @@ def test_recipe_data_sources_are_named_datasets_with_existing_splits(path, tmp_p
 def test_embedded_recipe_data_load(path, tmp_path, data_dir):
     """With the shared data present, every source of an embedded recipe loads (first rows of each)."""
     cfg, _, configs = _cells(path, tmp_path)
-    eval_sources = {spec.split(":", 1)[1] for run in configs for spec in run.eval.benchmarks}
+    eval_specs = [spec for run in configs for spec in run.eval.benchmarks] + (cfg.tune.benchmarks if cfg.tune else [])
+    eval_sources = {spec.split(":", 1)[1] for spec in eval_specs}
     for source in sorted(_sources(cfg, configs)):
         ex, _ = load_examples(source, data_dir=str(data_dir), require_response=source not in eval_sources)
         assert ex, source
@@ -94,3 +95,25 @@ def test_paper_recipes_use_the_paper_models_and_their_modules(path, tmp_path):
         assert run.data.template == "chat"
         assert run.model.precision in ("auto", "bf16", "bf16-autocast")
     assert cfg.align is None, "the paper's models are aligned already: no alignment stage"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if bench.load_bench(p)[0].tune], ids=lambda p: p.name)
+def test_recipe_tuning_is_valid_and_on_validation_rows_only(path, tmp_path):
+    """Every tuning candidate is a valid run config of its method, scored on benchmarks no test set shares rows
+    with, and every tuned method gets the same number of trainings."""
+    from dualselect import tune
+
+    cfg, cells, configs = _cells(path, tmp_path)
+    tune.check_not_test(cfg.tune.benchmarks, sorted({b for run in configs for b in run.eval.benchmarks}), path.name)
+    _, base, label, overrides = bench.load_bench(path, [f"bench.output_dir={tmp_path / 'out'}"])
+    plan = tune.tune_cells(cfg.tune, cells, tmp_path / "out", label)
+    assert set(plan) == set(cfg.tune.space) and {len(t) for t in plan.values()} == {cfg.tune.budget}
+    for method, tried in plan.items():
+        for cand, cell in tried:
+            run = bench.cell_config(cell, base, label, overrides, method_configs(), tmp_path / "aligned",
+                                    [str(tmp_path / "align-data.jsonl")])
+            assert run.eval.benchmarks == cfg.tune.benchmarks and run.eval.baseline is None
+            for key, value in cand.items():
+                section, name = key.split(".")
+                holder = getattr(run, section) if section in ("model", "data", "train", "eval") else run.method_args
+                assert getattr(holder, name) == value, (method, key)
