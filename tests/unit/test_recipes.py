@@ -117,3 +117,10 @@ def test_recipe_tuning_is_valid_and_on_validation_rows_only(path, tmp_path):
                 section, name = key.split(".")
                 holder = getattr(run, section) if section in ("model", "data", "train", "eval") else run.method_args
                 assert getattr(holder, name) == value, (method, key)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p not in PAPER], ids=lambda p: p.name)
+def test_embedded_recipes_pin_the_precision(path):
+    """A grid spans sessions on CPUs with and without native bf16; `auto` would change precision between them
+    (and report refuses to mix precisions), so the embedded recipes pin one."""
+    assert bench.load_bench(path)[1]["model"].get("precision") == "fp32"

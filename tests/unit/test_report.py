@@ -291,6 +291,12 @@ def test_error_judge_or_decoding_differs(runs, tmp_path):
     results = json.loads((harm_judge / "results.json").read_text())
     (harm_judge / "results.json").write_text(json.dumps({**results, "harm_judge": {"id": "llm-guard-v1"}}))
     one_line_error(lambda: rep.compare({"sft": runs["sft"], "ds": [harm_judge]}), "harm judge", "llm-guard-v1")
+    precision = make_eval(tmp_path / "p", benches_of(DS[0]))
+    results = json.loads((precision / "results.json").read_text())
+    results["model"]["precision_used"] = "bf16-autocast"
+    (precision / "results.json").write_text(json.dumps(results))
+    one_line_error(lambda: rep.compare({"sft": runs["sft"], "ds": [precision]}), "precision", "bf16-autocast",
+                   "model.precision")
 
 
 def test_error_unknown_baseline_and_bad_inputs(runs, tmp_path):

@@ -227,13 +227,14 @@ def _check_benchmark_sets(loaded: dict[str, list[EvalRun]]) -> None:
 
 def _settings(run: EvalRun) -> dict:
     """What must agree between all compared evaluations: the judge ids (refusal, harm and pairwise judge, the
-    latter two when used) and the decoding settings."""
+    latter two when used), the decoding settings and the precision the model ran in."""
     def judge_id(key):
         judge = run.results.get(key)
         return judge.get("id") if isinstance(judge, dict) else judge
 
     return {"judge": judge_id("judge"), "harm judge": judge_id("harm_judge"),
-            "pairwise judge": judge_id("pairwise_judge"), "decoding": run.results.get("decoding")}
+            "pairwise judge": judge_id("pairwise_judge"), "decoding": run.results.get("decoding"),
+            "precision": (run.results.get("model") or {}).get("precision_used")}
 
 
 def _check_same_settings(runs: list[EvalRun]) -> None:
@@ -251,7 +252,8 @@ def _check_same_settings(runs: list[EvalRun]) -> None:
             else:
                 diff = f"{a!r} vs {b!r}"
             raise DualSelectError(f"{runs[0].label} and {run.label} differ in {what} ({diff}); compare "
-                                  "evaluations made with one judge and the same decoding settings")
+                                  "evaluations made with one judge, the same decoding settings and the same precision "
+                                  "(model.precision)")
 
 
 def _benchmark_kinds(runs: list[EvalRun]) -> dict[str, str]:
