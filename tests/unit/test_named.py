@@ -5,7 +5,7 @@ from dualselect.data.named import NAMED, SST2_INSTRUCTION
 from dualselect.errors import DualSelectError
 
 EXPECTED = {"sst2", "ag_news", "gsm8k", "hh_rlhf_harmless", "safety_tuned_llamas", "beavertails_sst2", "alpaca_demo",
-            "harmbench_safe_responses", "advbench", "harmbench_val", "xstest"}
+            "harmbench_safe_responses", "advbench", "harmbench_val", "xstest", "refusal_direction"}
 
 
 def test_registry():
