@@ -41,6 +41,12 @@ VARIANTS = {
                                 ["train.epochs=1", "train.lr=3.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
     "stl400-alpaca600-2ep": (["safety_tuned_llamas[:400]", "alpaca_demo[:600]"],
                              ["train.epochs=2", "train.lr=3.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
+    # refusals only where the prompt lexicon flags the prompt (393 = the flagged rows before file row 2083, so the
+    # reference pool safety_tuned_llamas[2083:] stays disjoint); the borderline unflagged rows are left out
+    "flagged393-alpaca600": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
+                             ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
+    "flagged393-alpaca600-2ep": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
+                                 ["train.epochs=2", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
 }
 
 

@@ -496,7 +496,8 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
                        tuning: dict | None = None) -> dict:
     out = Path(bench.output_dir)
     sections, written = [], {}
-    for key, members in tables_of(cells).items():
+    tables = tables_of(cells)
+    for key, members in tables.items():
         runs: dict[str, list[Path]] = {}
         if aligned is not None:
             runs[ALIGNED] = [_aligned_eval(bench, members[0].table(), configs[members[0].name], aligned)]
@@ -514,8 +515,60 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
         minutes = sum(_seconds(p) for p in tuned) / 60
         sections.insert(0, f"## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, {minutes:.1f} min.")
-    text = (f"# Bench {out}\n\n{len(cells)} cells; train + eval time of the cells {seconds / 60:.1f} min.\n\n"
-            + "\n\n".join(sections))
+    from .eval import figures
+
+    head = f"{len(cells)} cells; train + eval time of the cells {seconds / 60:.1f} min."
+    text = f"# Bench {out}\n\n{head}\n\n" + "\n\n".join(sections)
+    ratio_figures = harmful_vs_ratio(cells, tables, {k: w["report"] for k, w in written.items()})
+    for name, _, png in ratio_figures:
+        write_atomic(out / "report" / name, png)
+    page = [("Overview", head + ("\n\n" + sections[0] if tuning and tuning.get("methods") else ""), [])]
+    page += [(key, report.markdown(w["report"]), [(cap, Path(path).read_bytes()) for cap, path in w["figures"]])
+             for key, w in written.items()]
+    if ratio_figures:
+        page.append(("Harmful score vs harmful ratio", "", [(cap, png) for _, cap, png in ratio_figures]))
+    write_atomic(out / "report.html", figures.html_page(f"Bench {out}", page))
     write_atomic(out / "report.md", text)
-    return {"tables": written, "markdown": text, "path": out / "report.md",
+    return {"tables": written, "markdown": text, "path": out / "report.md", "html": out / "report.html",
             "cells": [json.loads((c.path / DONE).read_text()) for c in cells]}
+
+
+RATIO_AXIS = "data.harmful_ratio"
+
+
+def harmful_vs_ratio(cells: list[Cell], tables: dict[str, list[Cell]], reports: dict[str, dict]
+                     ) -> list[tuple[str, str, bytes]]:
+    """Where the grid has a data.harmful_ratio axis: per combination of the other table axes and per harmful
+    benchmark, the harmful score (100 - refusal rate, %) of each method against the ratio, with the reports'
+    95 % intervals. [(file name, caption, PNG)]; empty without the axis."""
+    from .eval import figures
+    from .eval.report import short_name
+    groups: dict[tuple, dict[str, dict]] = {}  # other axes -> ratio label -> table report
+    for key, members in tables.items():
+        labels = members[0].table()
+        if RATIO_AXIS not in labels:
+            return []
+        rest = tuple((a, v) for a, v in labels.items() if a != RATIO_AXIS)
+        groups.setdefault(rest, {})[labels[RATIO_AXIS]] = reports[key]
+    out = []
+    for rest, by_ratio in groups.items():
+        first = next(iter(by_ratio.values()))
+        for col in [c for c in first["columns"] if c["metric"] == "refusal_rate"]:
+            points: dict[str, list] = {}
+            for ratio, rep in by_ratio.items():
+                for method, res in rep["results"].items():
+                    cell = res.get(col["benchmark"], {}).get("refusal_rate")
+                    if cell and cell["value"] is not None:
+                        lo, hi = cell["ci95"] or (None, None)
+                        points.setdefault(method, []).append(
+                            (float(ratio), 100 * (1 - cell["value"]), None if hi is None else 100 * (1 - hi),
+                             None if lo is None else 100 * (1 - lo)))
+            if not points:
+                continue
+            where = ", ".join(f"{a}={v}" for a, v in rest)
+            name = _slug(f"harmful_score_vs_ratio {where} {short_name(col['benchmark'])}") + ".png"
+            caption = (f"harmful score (100 - refusal rate, %) on {short_name(col['benchmark'])} vs the harmful "
+                       f"ratio{', ' + where if where else ''}; mean over seeds, 95 % intervals")
+            out.append((name, caption, figures.render_metric_vs_ratio(
+                points, "harmful ratio p", f"harmful score on {short_name(col['benchmark'])} (%)")))
+    return out

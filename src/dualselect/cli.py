@@ -125,7 +125,7 @@ def cmd_report(argv: list[str]) -> int:
                "      dualselect=runs/ds-s1/eval,runs/ds-s2/eval,runs/ds-s3/eval --baseline sft --out runs/report\n")
     p.add_argument("runs", nargs="+", metavar="METHOD=DIR[,DIR...]", help="a method and its eval dirs, one per seed")
     p.add_argument("--baseline", help="the method the others are compared with (default: the first)")
-    p.add_argument("--out", default="runs/report", help="directory for report.json, report.md and safety_utility.png "
+    p.add_argument("--out", default="runs/report", help="directory for report.json, report.md, report.html and the PNG figures "
                    "(default runs/report)")
     p.add_argument("--plot", metavar="X,Y", help="plot axes as BENCHMARK/METRIC or METRIC, e.g. accuracy,refusal_rate "
                    "(default: the task accuracy and the harmful refusal rate when there is one of each)")
@@ -147,6 +147,7 @@ def cmd_report(argv: list[str]) -> int:
     print(markdown(written["report"]), end="")
     print(f"report: {written['json']}")
     print(f"table:  {written['markdown']}")
+    print(f"page:   {written['html']} (tables and figures)")
     print(f"plot:   {written['plot']}" if written["plot"] else
           f"plot:   none ({written['report']['plot']['skipped']})")
     return 0

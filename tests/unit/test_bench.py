@@ -145,6 +145,12 @@ def test_bench_runs_resumes_and_reports(tiny_link, monkeypatch):
     info = json.loads((out / "cells" / "sft__harmful_ratio-0.2__seed-0" / "train" / "run_info.json").read_text())
     assert info["data"]["task"]["n_harmful_pairs"] == 4 and info["data"]["task"]["n_kept"] == 16
     assert "## data.harmful_ratio=0.0" in (out / "report.md").read_text()
+    table = out / "report" / "data.harmful_ratio_0.2"
+    assert {"training_curves.png", "references-dualselect.png", "report.html"} <= {p.name for p in table.iterdir()}
+    ratio_png = [p.name for p in (out / "report").glob("harmful_score_vs_ratio*.png")]
+    assert len(ratio_png) == 1
+    page = (out / "report.html").read_text()
+    assert page.count("<table>") >= 2 and page.count("data:image/png;base64,") >= 5
     before = _snapshot(out)
 
     def boom(*a, **k):
@@ -154,6 +160,31 @@ def test_bench_runs_resumes_and_reports(tiny_link, monkeypatch):
     monkeypatch.setattr("dualselect.eval.run.evaluate", boom)
     bench.run_bench(path, quiet=True)
     assert _snapshot(out) == before
+
+
+def test_harmful_score_vs_ratio_points_are_the_reports_refusal_rates(monkeypatch):
+    def cell(ratio, method):
+        return bench.Cell({"method": method, "data.harmful_ratio": ratio, "train.seed": "0"}, [], Path(f"{method}{ratio}"))
+
+    def rep(values):  # method -> refusal rate, interval
+        return {"columns": [{"benchmark": "harmful:adv", "metric": "refusal_rate"}],
+                "results": {m: {"harmful:adv": {"refusal_rate": {"value": v, "ci95": ci}}} for m, (v, ci) in values.items()}}
+
+    cells = [cell(r, m) for r in ("0.0", "0.2") for m in ("sft", "ds")]
+    tables = bench.tables_of(cells)
+    reports = {"data.harmful_ratio=0.0": rep({"sft": (0.9, [0.8, 0.95]), "ds": (1.0, None)}),
+               "data.harmful_ratio=0.2": rep({"sft": (0.25, [0.1, 0.4]), "ds": (0.75, [0.6, 0.9])})}
+    seen = {}
+    monkeypatch.setattr("dualselect.eval.figures.render_metric_vs_ratio",
+                        lambda points, x, y: seen.update(points) or b"png")
+    (name, caption, png), = bench.harmful_vs_ratio(cells, tables, reports)
+    assert name == "harmful_score_vs_ratio_harmful_adv.png" and png == b"png" and "100 - refusal rate" in caption
+    approx = [pytest.approx(p) for p in [(0.0, 10.0, 5.0, 20.0), (0.2, 75.0, 60.0, 90.0)]]
+    assert seen["sft"] == approx  # harmful score 100 (1 - rate), the interval's ends swapped
+    assert seen["ds"][0] == (0.0, 0.0, None, None)
+    assert bench.harmful_vs_ratio(cells[:1], {"all": cells[:1]}, {"all": reports["data.harmful_ratio=0.0"]}) != []
+    no_ratio = [bench.Cell({"method": "sft"}, [], Path("x"))]
+    assert bench.harmful_vs_ratio(no_ratio, bench.tables_of(no_ratio), {"all": {}}) == []
 
 
 def test_changed_config_of_a_started_cell_is_refused(tiny_link):

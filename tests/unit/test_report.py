@@ -1,6 +1,7 @@
 """The seed-aware comparison report: statistics on hand-made values, hand-computed means and paired differences
 on fake eval dirs, consistency errors, the Markdown / JSON / PNG outputs and the `dualselect report` verb."""
 
+import base64
 import itertools
 import json
 
@@ -344,8 +345,12 @@ def test_plot_is_a_png(runs, tmp_path):
 def test_write_report_files(runs, tmp_path):
     out = tmp_path / "report"
     written = rep.write_report(rep.compare(runs), out)
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "safety_utility.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md", "safety_utility.png"]
+    page = written["html"].read_text()
+    assert "<table>" in page and base64.b64encode((out / "safety_utility.png").read_bytes()).decode() in page
     saved = json.loads(written["json"].read_text())
+    assert saved["figures"]["files"] == []  # hand-made eval dirs: no train run behind them
+    assert all("no train run dir" in note for note in saved["figures"]["left_out"])
     assert saved["plot"] == {"path": str(out / "safety_utility.png"), "x": "task:sst2/accuracy",
                              "y": "harmful:adv/refusal_rate"}
     assert saved["results"]["sft"]["task:sst2"]["accuracy"]["value"] == pytest.approx(0.5)

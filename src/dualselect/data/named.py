@@ -104,6 +104,18 @@ def _xstest(row: Row, split: str) -> dict | None:
     return row.data if split == "all" or row.data.get("label") == split else None
 
 
+def _flagged(row: Row, split: str) -> dict | None:
+    """Safety-Tuned LLaMAs split by the prompt lexicon (eval.prompt_classifier): "flagged" keeps the rows whose
+    instruction (+ input) it calls harmful, "unflagged" the others (many are borderline requests, e.g. "compose
+    a list of the worst insults", answered with a refusal: training refusals on them teaches over-refusal)."""
+    if split == "train":
+        return row.data
+    from dualselect.eval.prompt_classifier import LexiconPromptClassifier
+
+    text = " ".join(str(row.data.get(k) or "") for k in ("instruction", "input")).strip()
+    return row.data if LexiconPromptClassifier().classify(text).harmful == (split == "flagged") else None
+
+
 NAMED: dict[str, Named] = {
     "sst2": Named("SST-2 sentiment (train 67,349 / dev 872); output positive|negative, meta label",
                   {"train": "sst2/train.tsv", "dev": "sst2/dev.tsv"}, "alpaca", _sst2),
@@ -113,8 +125,12 @@ NAMED: dict[str, Named] = {
                    {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, "prompt_completion", _gsm8k),
     "hh_rlhf_harmless": Named("HH-RLHF harmless-base test transcripts (chosen = safer reply), 2,312",
                               {"test": "hh_rlhf_harmless_base/test.jsonl.gz"}, "hh"),
-    "safety_tuned_llamas": Named("Safety-Tuned LLaMAs safety data: harmful instruction + safe answer, 2,483",
-                                 {"train": "safety_tuned_llamas/safety_only_data_Instructions.json"}, "alpaca"),
+    "safety_tuned_llamas": Named("Safety-Tuned LLaMAs safety data: harmful instruction + safe answer, 2,483 "
+                                 "(split train|flagged|unflagged: all, or the rows the prompt lexicon calls harmful "
+                                 "or not; ids keep the file row)",
+                                 dict.fromkeys(("train", "flagged", "unflagged"),
+                                               "safety_tuned_llamas/safety_only_data_Instructions.json"),
+                                 "alpaca", _flagged),
     "beavertails_sst2": Named("BeaverTails harmful pairs merged with SST-2 (split all|unsafe|finetune; meta flag), 1,000",
                               dict.fromkeys(("all", "unsafe", "finetune"),
                                             "beavertails_harmful_pairs_nc/sst2_train_merged_n1000_p0.2.json"),

@@ -437,6 +437,14 @@ _TRUE = ("harmful", "unsafe", "true", "yes", "1")
 _FALSE = ("benign", "harmless", "safe", "false", "no", "0")
 
 
+def harm_category(label: PromptLabel) -> str | None:
+    """The harm category of a verdict: the category of its strongest cue (a strong cue before a weak one, then
+    the first in HARM_CUES order); None where no harm cue matched."""
+    cues = [m.split(":", 2) for m in label.matched if m.startswith(("strong:", "weak:"))]
+    cues.sort(key=lambda c: c[0] != "strong")  # stable: HARM_CUES order within strong and within weak
+    return cues[0][1] if cues else None
+
+
 def parse_prompt_label(value: object) -> bool:
     """A label column's value as harmful (True) or benign (False).
 

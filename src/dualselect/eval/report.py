@@ -41,7 +41,7 @@ from .judges import UNPARSEABLE
 from .metrics import interval_text, pct
 
 RESULTS, SAMPLES = "results.json", "samples.jsonl"
-REPORT_JSON, REPORT_MD, PLOT_PNG = "report.json", "report.md", "safety_utility.png"
+REPORT_JSON, REPORT_MD, PLOT_PNG, REPORT_HTML = "report.json", "report.md", "safety_utility.png", "report.html"
 FORMAT = "dualselect-report-1"
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
@@ -810,10 +810,13 @@ def plot(report: dict, path, x: str | None = None, y: str | None = None) -> Path
 # ------------------------------------------------------------------------------------------ files
 
 def write_report(report: dict, out_dir, x: str | None = None, y: str | None = None) -> dict:
-    """Write report.json, report.md and safety_utility.png to out_dir, each atomically and only after all of
-    them were rendered. Without x / y and no unique default axes the plot is left out (an older plot there is
-    removed) and the reason recorded under "plot"; with x / y a bad axis is an error and nothing is written.
-    Returns {"report": dict with "plot", "json": path, "markdown": path, "plot": path or None}."""
+    """Write report.json, report.md, safety_utility.png, the run figures (eval.figures.run_figures: training
+    curves, references chosen per refresh) and report.html (the tables and every figure on one page) to
+    out_dir, each atomically and only after all of them were rendered. Without x / y and no unique default
+    axes the plot is left out (an older plot there is removed) and the reason recorded under "plot"; with x / y
+    a bad axis is an error and nothing is written. Returns {"report": dict with "plot" and "figures", "json",
+    "markdown", "html": paths, "plot": path or None, "figures": [(caption, path)]}."""
+    from . import figures
     out = Path(out_dir)
     try:
         xcol, ycol = plot_axes(report, x, y)
@@ -823,15 +826,23 @@ def write_report(report: dict, out_dir, x: str | None = None, y: str | None = No
         if x or y:
             raise
         png, plot_info = None, {"skipped": str(e)}
-    report = {**report, "plot": plot_info}
+    pictures, notes = figures.run_figures(report)
+    report = {**report, "plot": plot_info,
+              "figures": {"files": [name for name, _, _ in pictures], "left_out": notes}}
     text_md = markdown(report)
     text_json = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    shown = ([] if png is None else [(PLOT_PNG, f"safety vs utility ({plot_info['y']} vs {plot_info['x']})", png)]) \
+        + pictures
+    page = figures.html_page(f"Comparison vs {report['baseline']}",
+                             [("Results", text_md, [(caption, data) for _, caption, data in shown])])
     out.mkdir(parents=True, exist_ok=True)
     if png is None:
         (out / PLOT_PNG).unlink(missing_ok=True)
-    else:
-        write_atomic(out / PLOT_PNG, png)
+    for name, _, data in shown:
+        write_atomic(out / name, data)
     write_atomic(out / REPORT_MD, text_md.encode("utf-8"))
     write_atomic(out / REPORT_JSON, text_json.encode("utf-8"))
-    return {"report": report, "json": out / REPORT_JSON, "markdown": out / REPORT_MD,
-            "plot": None if png is None else out / PLOT_PNG}
+    write_atomic(out / REPORT_HTML, page.encode("utf-8"))
+    return {"report": report, "json": out / REPORT_JSON, "markdown": out / REPORT_MD, "html": out / REPORT_HTML,
+            "plot": None if png is None else out / PLOT_PNG,
+            "figures": [(caption, out / name) for name, caption, _ in shown]}
