@@ -45,6 +45,8 @@ VARIANTS = {
     # reference pool safety_tuned_llamas[2083:] stays disjoint); the borderline unflagged rows are left out
     "flagged393-alpaca600": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
                              ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
+    "flagged393-alpaca1000": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:1000]"],
+                              ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
     "flagged393-alpaca600-2ep": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
                                  ["train.epochs=2", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
 }

@@ -4,7 +4,7 @@
                       "dualselect": [Path("runs/ds-s1/eval"), ...]}, baseline="sft")
     print(markdown(report))
     plot(report, "safety_utility.png")           # x: task accuracy, y: harmful refusal rate
-    write_report(report, "runs/report")          # report.json, report.md, safety_utility.png
+    write_report(report, "runs/report")          # report.json, report.md, report.html, PNG figures
 
 Input: per method, one `dualselect eval` output dir per seed (results.json + samples.jsonl). The per-prompt
 values come from samples.jsonl (VALUE_RULES: one line per metric); results.json names the benchmarks, how
