@@ -31,24 +31,24 @@ from dualselect.methods import method_configs
 
 ALL_LINEAR = "model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 SHORT = "data.max_length=128"  # refusals are read from an answer's opening; half the padded tokens of 256
-# name -> (bench.align_data, bench.align)
+
+
+def variant(align_data: list[str], epochs: int = 1, lr: str = "5.0e-4") -> tuple[list[str], list[str]]:
+    """(bench.align_data, bench.align) of one variant: LoRA on all linear layers, batch 8, max length 128."""
+    return align_data, [f"train.epochs={epochs}", f"train.lr={lr}", "train.batch_size=8", ALL_LINEAR, SHORT]
+
+
+STL, FLAGGED = "safety_tuned_llamas[:400]", "safety_tuned_llamas:flagged[:393]"
 VARIANTS = {
-    "stl400-alpaca600": (["safety_tuned_llamas[:400]", "alpaca_demo[:600]"],
-                         ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    "stl300-alpaca900": (["safety_tuned_llamas[:300]", "alpaca_demo[:900]"],
-                         ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    "stl400-alpaca600-lr3e-4": (["safety_tuned_llamas[:400]", "alpaca_demo[:600]"],
-                                ["train.epochs=1", "train.lr=3.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    "stl400-alpaca600-2ep": (["safety_tuned_llamas[:400]", "alpaca_demo[:600]"],
-                             ["train.epochs=2", "train.lr=3.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    # refusals only where the prompt lexicon flags the prompt (393 = the flagged rows before file row 2083, so the
+    "stl400-alpaca600": variant([STL, "alpaca_demo[:600]"]),
+    "stl300-alpaca900": variant(["safety_tuned_llamas[:300]", "alpaca_demo[:900]"]),
+    "stl400-alpaca600-lr3e-4": variant([STL, "alpaca_demo[:600]"], lr="3.0e-4"),
+    "stl400-alpaca600-2ep": variant([STL, "alpaca_demo[:600]"], epochs=2, lr="3.0e-4"),
+    # refusals only where the prompt lexicon flags the prompt (393 = the flagged rows before file row 2083, so a
     # reference pool safety_tuned_llamas[2083:] stays disjoint); the borderline unflagged rows are left out
-    "flagged393-alpaca600": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
-                             ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    "flagged393-alpaca1000": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:1000]"],
-                              ["train.epochs=1", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
-    "flagged393-alpaca600-2ep": (["safety_tuned_llamas:flagged[:393]", "alpaca_demo[:600]"],
-                                 ["train.epochs=2", "train.lr=5.0e-4", "train.batch_size=8", ALL_LINEAR, SHORT]),
+    "flagged393-alpaca600": variant([FLAGGED, "alpaca_demo[:600]"]),
+    "flagged393-alpaca1000": variant([FLAGGED, "alpaca_demo[:1000]"]),
+    "flagged393-alpaca600-2ep": variant([FLAGGED, "alpaca_demo[:600]"], epochs=2),
 }
 
 

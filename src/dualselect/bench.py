@@ -494,36 +494,36 @@ def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:
 
 def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report,
                        tuning: dict | None = None) -> dict:
+    """One `dualselect report` per table (OUTPUT_DIR/report/<table>/), and OUTPUT_DIR/report.md and report.html
+    holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio)."""
+    from .eval import figures
+
     out = Path(bench.output_dir)
-    sections, written = [], {}
-    tables = tables_of(cells)
+    baseline = baseline_of(bench, cells)
+    tables, written = tables_of(cells), {}
     for key, members in tables.items():
         runs: dict[str, list[Path]] = {}
         if aligned is not None:
             runs[ALIGNED] = [_aligned_eval(bench, members[0].table(), configs[members[0].name], aligned)]
         for c in members:
             runs.setdefault(c.method, []).append(c.path / "eval")
-        baseline = baseline_of(bench, cells)
         if baseline not in runs:
             raise DualSelectError(f"bench.baseline {baseline!r} is not a method of the grid ({', '.join(runs)})")
         rep = report.compare(runs, baseline=baseline, resamples=bench.resamples, permutations=bench.permutations)
-        dest = out / "report" / _slug(key)
-        written[key] = report.write_report(rep, dest)
-        sections.append(f"## {key}\n\n{report.markdown(written[key]['report'])}")
-    seconds = sum(_seconds(c.path / DONE) for c in cells)
+        written[key] = report.write_report(rep, out / "report" / _slug(key))
+    minutes = sum(_seconds(c.path / DONE) for c in cells) / 60
+    head = f"{len(cells)} cells; train + eval time of the cells {minutes:.1f} min."
     if tuning and tuning.get("methods"):
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
-        minutes = sum(_seconds(p) for p in tuned) / 60
-        sections.insert(0, f"## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, {minutes:.1f} min.")
-    from .eval import figures
-
-    head = f"{len(cells)} cells; train + eval time of the cells {seconds / 60:.1f} min."
-    text = f"# Bench {out}\n\n{head}\n\n" + "\n\n".join(sections)
+        head += (f"\n\n## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, "
+                 f"{sum(_seconds(p) for p in tuned) / 60:.1f} min.")
+    tables_md = {key: report.markdown(w["report"]) for key, w in written.items()}
+    text = f"# Bench {out}\n\n{head}\n\n" + "\n\n".join(f"## {key}\n\n{md}" for key, md in tables_md.items())
     ratio_figures = harmful_vs_ratio(cells, tables, {k: w["report"] for k, w in written.items()})
     for name, _, png in ratio_figures:
         write_atomic(out / "report" / name, png)
-    page = [("Overview", head + ("\n\n" + sections[0] if tuning and tuning.get("methods") else ""), [])]
-    page += [(key, report.markdown(w["report"]), [(cap, Path(path).read_bytes()) for cap, path in w["figures"]])
+    page = [("Overview", head, [])]
+    page += [(key, tables_md[key], [(cap, Path(path).read_bytes()) for cap, path in w["figures"]])
              for key, w in written.items()]
     if ratio_figures:
         page.append(("Harmful score vs harmful ratio", "", [(cap, png) for _, cap, png in ratio_figures]))

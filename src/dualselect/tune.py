@@ -14,8 +14,8 @@ on validation prompts only, then run the grid's cells with them.
 
 A method's candidates are the product of its space, in the order written; a seeded random `budget` of them
 are tried (random search; all of them when there are exactly `budget`), so every tuned method gets the same
-number of trainings (a space with fewer candidates than the budget is refused). Each candidate is a normal cell (train + eval on the validation benchmarks) under
-OUTPUT_DIR/tune/<method>/<candidate>/, resumable like the grid's cells. Its score is the objective: per metric
+number of trainings (a space with fewer candidates than the budget is refused). Each candidate is a normal
+cell (train + eval on the validation benchmarks) under OUTPUT_DIR/tune/<method>/<candidate>/, resumable like the grid's cells. Its score is the objective: per metric
 the mean of its value over the validation benchmarks that report it, weighted and summed. The best candidate
 (the first written on a tie) gives its overrides to every cell of that method; OUTPUT_DIR/tune/results.json
 records every candidate's values and the choice, and the bench report prints them.
@@ -168,8 +168,10 @@ def tune_cells(tune: TuneConfig, cells: list, out: Path, label: str) -> dict[str
 
 def tune_stage(bench_cfg, cells: list, configure, run_cell, test_benchmarks: list[str], label: str) -> dict:
     """Run (or resume) the tuning cells and choose. `configure(cell)` gives a cell's run config, `run_cell(cell,
-    cfg)` trains and evaluates it. Returns {method label: {"overrides": [...], "record": {...}}}; writes
-    OUTPUT_DIR/tune/results.json."""
+    cfg)` trains and evaluates it. Returns {"overrides": {method label: [key=value, ...]}, "record": what
+    OUTPUT_DIR/tune/results.json holds} ({} without bench.tune)."""
+    from .bench import _value_text
+
     tune: TuneConfig | None = bench_cfg.tune
     if tune is None:
         return {}
@@ -191,7 +193,7 @@ def tune_stage(bench_cfg, cells: list, configure, run_cell, test_benchmarks: lis
             objective, means = score(results, tune.objective)
             scored.append({"candidate": cand, "objective": objective, "metrics": means, "dir": str(c.path)})
         top = best(scored)
-        chosen[method] = [f"{k}={_text(v)}" for k, v in top["candidate"].items()]
+        chosen[method] = [f"{k}={_value_text(v)}" for k, v in top["candidate"].items()]
         record["methods"][method] = {"chosen": top["candidate"], "tried": scored}
         log.info("tune %s: chose %s (objective %.4f)", method, " ".join(chosen[method]), top["objective"])
     if plan:
@@ -199,14 +201,10 @@ def tune_stage(bench_cfg, cells: list, configure, run_cell, test_benchmarks: lis
     return {"overrides": chosen, "record": record}
 
 
-def _text(value: Any) -> str:
-    from .bench import _value_text
-
-    return _value_text(value)
-
-
 def markdown(record: dict) -> str:
     """The tuning section of a bench report: per method, every candidate's validation metrics and the choice."""
+    from .bench import _value_text
+
     if not record or not record.get("methods"):
         return ""
     metrics = list(record["objective"])
@@ -219,7 +217,7 @@ def markdown(record: dict) -> str:
     for method, info in record["methods"].items():
         for t in info["tried"]:
             mark = "**" if t["candidate"] == info["chosen"] else ""
-            cand = " ".join(f"{k}={_text(v)}" for k, v in t["candidate"].items())
+            cand = " ".join(f"{k}={_value_text(v)}" for k, v in t["candidate"].items())
             vals = " | ".join(f"{100 * t['metrics'][m]:.1f}" for m in metrics)
             lines.append(f"| {mark}{method}{mark} | {mark}{cand}{mark} | {vals} | {100 * t['objective']:.1f} |")
     return "\n".join(lines)

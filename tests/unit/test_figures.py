@@ -135,9 +135,6 @@ def test_refresh_overlap_hand_values():
     refs = [["a", "b"], ["b", "c"], ["b", "c"], ["d"], []]
     assert fg.refresh_overlap(refs) == pytest.approx([1 / 3, 1.0, 0.0, 0.0])
     assert fg.refresh_overlap([["a"]]) == []
-    m = fg.overlap_matrix([["a", "b"], ["b", "c"], ["a", "b", "c", "d"]])
-    expected = [[1, 1 / 3, 0.5], [1 / 3, 1, 0.5], [0.5, 0.5, 1]]
-    assert [r == pytest.approx(e) for r, e in zip(m, expected)] == [True] * 3
 
 
 def test_category_counts_hand_values():
@@ -169,8 +166,6 @@ def test_render_training_curves(run_dir, tmp_path):
     png = fg.render_training_curves({"dualselect seed 0": fg.read_curves(run_dir), "sft seed 0": fg.read_curves(sft)})
     assert png.startswith(PNG)
     assert fg.render_training_curves({"sft": fg.read_curves(sft)}, smooth=3).startswith(PNG)
-    out = fg.write_file(tmp_path / "out" / "curves.png", png)
-    assert out.read_bytes() == png
 
 
 def test_render_training_curves_empty():

@@ -6,7 +6,6 @@
     heat = render_reference_heatmap(refs, categories)     # refreshes x categories (or x the most chosen ids)
     ratio = render_metric_vs_ratio({"sft": [(0.01, 12.0, 9.5, 14.0), ...]}, "harmful ratio", "harmful score")
     page = html_page("Comparison", [("Results", markdown(report), [("training", png), ("refs", heat)])])
-    write_file("runs/report/index.html", page)
 
 Inputs are a `dualselect train` run dir: metrics.jsonl (one record per optimiser step) and selection.jsonl
 (selection events; "refresh" events carry the references chosen at a refresh). A truncated last line (a killed
@@ -29,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dualselect.errors import DualSelectError
-from dualselect.logs import write_atomic
 
 METRICS, SELECTION = "metrics.jsonl", "selection.jsonl"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -212,11 +210,6 @@ def refresh_overlap(refreshes: Sequence[Sequence[str]]) -> list[float]:
     return [jaccard(refreshes[i - 1], refreshes[i]) for i in range(1, len(refreshes))]
 
 
-def overlap_matrix(refreshes: Sequence[Sequence[str]]) -> list[list[float]]:
-    """Jaccard overlap of every pair of refreshes (n x n, symmetric, 1.0 on the diagonal)."""
-    return [[jaccard(a, b) for b in refreshes] for a in refreshes]
-
-
 def moving_average(values: Sequence[float], window: int) -> list[float]:
     """Trailing mean over the last `window` values (fewer at the start); window 1 returns the values."""
     if window < 1:
@@ -261,16 +254,17 @@ def id_indicator(refreshes: Sequence[Sequence[str]], top: int = 30
 
 # ------------------------------------------------------------------------------------------ figures
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float, dpi: int = 110):
+    """A matplotlib Figure with an Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -303,7 +297,7 @@ def render_training_curves(curves_by_run: dict[str, dict], smooth: int | None = 
     if not panels:
         raise DualSelectError("training curves: no run has a task loss, reference loss or cosine to plot"
                               + (f" (runs: {', '.join(curves_by_run)})" if curves_by_run else " (no runs)"))
-    fig = _figure(7.0, 2.6 * len(panels) + 0.6)
+    fig = new_figure(7.0, 2.6 * len(panels) + 0.6)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (key, title) in zip(axes, panels):
         for i, (label, s) in enumerate(series.items()):
@@ -335,7 +329,7 @@ def render_training_curves(curves_by_run: dict[str, dict], smooth: int | None = 
         ax.legend(fontsize=7, loc="best")
     axes[-1].set_xlabel("step")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _overlap_text(overlaps: Sequence[float], shown: int = 8) -> str:
@@ -357,7 +351,7 @@ def render_reference_heatmap(refreshes: Sequence[Sequence[str]], categories: dic
         else id_indicator(refreshes, top)
     overlaps = refresh_overlap(refreshes)
     width = min(16.0, max(5.0, 2.5 + 0.32 * len(cols)))
-    fig = _figure(width, min(16.0, max(3.0, 1.6 + 0.32 * len(rows))))
+    fig = new_figure(width, min(16.0, max(3.0, 1.6 + 0.32 * len(rows))))
     ax = fig.add_subplot()
     image = ax.imshow(matrix, aspect="auto", cmap="viridis" if categories is not None else "Greys",
                       interpolation="nearest", vmin=0, vmax=None if categories is not None else 1)
@@ -378,7 +372,7 @@ def render_reference_heatmap(refreshes: Sequence[Sequence[str]], categories: dic
     ax.set_title(f"References chosen per refresh, {what}\n{_overlap_text(overlaps)}", fontsize=9)
     ax.set_xlabel("category" if categories is not None else "reference id")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def render_metric_vs_ratio(points: dict[str, list[tuple[float, float, float | None, float | None]]],
@@ -386,7 +380,7 @@ def render_metric_vs_ratio(points: dict[str, list[tuple[float, float, float | No
     """A metric against a ratio (e.g. harmful score vs harmful ratio) as PNG bytes: per method a line over its
     points sorted by x, with asymmetric error bars from (x, y, ci_low, ci_high) (plotted units; a None bound
     draws no bar on that side)."""
-    fig = _figure(6.4, 4.6)
+    fig = new_figure(6.4, 4.6)
     ax = fig.add_subplot()
     plotted = 0
     for i, (method, pts) in enumerate(points.items()):
@@ -411,7 +405,7 @@ def render_metric_vs_ratio(points: dict[str, list[tuple[float, float, float | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ------------------------------------------------------------------------------------------ a report's run figures
@@ -500,8 +494,3 @@ def html_page(title: str, sections: Sequence[tuple[str, str, Sequence[tuple[str,
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             f"<h1>{html.escape(title)}</h1>\n" + "\n".join(body) + "\n</body>\n</html>\n")
-
-
-def write_file(path, data: str | bytes) -> Path:
-    """Write a PNG (bytes) or an HTML page (text) to `path` atomically (logs.write_atomic)."""
-    return write_atomic(Path(path), data)

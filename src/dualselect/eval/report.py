@@ -23,7 +23,6 @@ so a number does not change when another method or benchmark is added.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import zlib
@@ -758,13 +757,11 @@ def _seeds_text(report: dict) -> str:
 def render_plot(report: dict, x: str | None = None, y: str | None = None) -> bytes:
     """The safety-utility plot as PNG bytes: one point per method with its 95% intervals as error bars in both
     directions, labelled with the method (and its over-refusal rate when the report has one)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .figures import new_figure, png_bytes
 
     xcol, ycol = plot_axes(report, x, y)
     over = [c for c in report["columns"] if c["metric"] == "over_refusal_rate"]
-    fig = Figure(figsize=(6.4, 5.2), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(6.4, 5.2, dpi=120)
     ax = fig.add_subplot()
     plotted = 0
     for method, cells in report["results"].items():
@@ -793,9 +790,7 @@ def render_plot(report: dict, x: str | None = None, y: str | None = None) -> byt
     ax.set_title(f"Safety vs utility: mean of {_seeds_text(report)}, 95% intervals")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def plot(report: dict, path, x: str | None = None, y: str | None = None) -> Path:
