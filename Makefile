@@ -27,8 +27,14 @@ $(BIN)/dualselect: pyproject.toml
 setup: $(BIN)/dualselect
 
 # llama-cpp-python's OpenAI-compatible server, for the test of the llm judge against a real server.
-# It has no binary wheel: pip compiles llama.cpp once (about 7 minutes on 2 cores), then reuses its cache.
+# It has no binary wheel, so pip compiles llama.cpp (3-10 minutes on 2 cores). A native build (-march=native)
+# enables llama.cpp's AMX kernels on CPUs that have AMX, and those crashed (SIGSEGV in ggml_backend_amx_mul_mat)
+# on a 2-core VM, so it is built for plain AVX2, without pip's wheel cache (which may hold a native build).
+# The version is the one the llm-server extra of pyproject.toml pins.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 $(VENV)/.llm-server: $(BIN)/dualselect
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --no-deps "$(LLAMA_CPP_SPEC)"
 	$(BIN)/pip install -q -e ".[test,llm-server]"
 	touch $@
 

@@ -318,7 +318,7 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
         train(cfg, resume=started)
-    models.merge_adapter(cfg.model.name_or_path, run_dir / "adapter", merged)
+    models.merge_adapter(cfg.model.name_or_path, run_dir / "adapter", merged, cfg.model.trust_remote_code)
     log.info("aligned model merged into %s", merged)
     return merged, seen
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import shutil
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from .errors import DualSelectError
 
@@ -42,6 +46,34 @@ def _config_parser(verb: str, description: str, extra: str = "") -> argparse.Arg
     return p
 
 
+@contextlib.contextmanager
+def _no_partial_output(out: Path, keep: Callable[[Path], bool] = lambda out: False) -> Iterator[None]:
+    """A command that fails (an exception, not an interrupt) removes what it created in `out`: the directory and
+    the parents it made, or the new entries of a directory that was there before. Left alone when keep(out) says
+    the command got far enough to be resumed (e.g. a training run that wrote its config.yaml)."""
+    out = Path(out).expanduser()
+    created = None  # the topmost directory of `out`'s path that does not exist yet
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        created = d
+    before = {e.name for e in out.iterdir()} if created is None and out.is_dir() else set()
+    try:
+        yield
+    except Exception:
+        if not keep(out):
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif out.is_dir():
+                for entry in out.iterdir():
+                    if entry.name not in before:
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
+        raise
+
+
 def _quiet_key(verb: str) -> str:
     return "eval.quiet" if verb == "eval" else "train.quiet"
 
@@ -62,10 +94,15 @@ def cmd_train(argv: list[str]) -> int:
     p = _config_parser("train", VERBS["train"])
     p.add_argument("--resume", action="store_true",
                    help="continue the run in train.output_dir from its latest checkpoint (same config)")
-    args = p.parse_args(argv)
-    from .train import train
+    args = p.parse_intermixed_args(argv)
+    from .train import default_run_dir, train
 
-    result = train(_load(args), resume=args.resume)
+    cfg = _load(args)
+    if not cfg.train.output_dir:  # name the run dir here, so that a failed start can be cleaned up
+        cfg.train.output_dir = str(default_run_dir(cfg))
+    # a run that wrote its config.yaml has started (or is resumed): it stays, --resume continues it
+    with _no_partial_output(Path(cfg.train.output_dir), keep=lambda out: (out / "config.yaml").exists()):
+        result = train(cfg, resume=args.resume)
     print(f"adapter: {result.adapter_dir}")
     print(f"run dir: {result.run_dir}  ({result.steps} steps, {result.seconds:.0f} s, peak RSS "
           f"{result.peak_rss_mb:.0f} MB)")
@@ -86,11 +123,16 @@ def cmd_select(argv: list[str]) -> int:
     p = _config_parser("select", VERBS["select"])
     p.add_argument("--keep", type=float, default=0.5,
                    help="fraction of the task set to keep, lowest scores first (default 0.5)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     args.overrides.insert(0, "train.method=dualselect")
     from .select import select
+    from .train import default_run_dir
 
-    out = select(_load(args), keep=args.keep)
+    cfg = _load(args)
+    if not cfg.train.output_dir:
+        cfg.train.output_dir = str(default_run_dir(cfg))
+    with _no_partial_output(Path(cfg.train.output_dir)):
+        out = select(cfg, keep=args.keep)
     print(f"kept {out.n_kept} of {out.n_scored} task records -> {out.kept_path}")
     print(f"scores: {out.scores_path}")
     return 0
@@ -105,10 +147,17 @@ def cmd_eval(argv: list[str]) -> int:
         "task files need an `answer` column):\n" + kinds + "\n\n"
         "e.g.  dualselect eval eval.adapter=runs/x/adapter data.data_dir=../shared/data \\\n"
         "          'eval.benchmarks=[harmful:advbench,overrefusal:xstest:safe,task:sst2:dev]' eval.limit=100\n"))
-    args = p.parse_args(argv)
-    from .eval.run import evaluate
+    args = p.parse_intermixed_args(argv)
+    from .eval.run import SAMPLES, default_output_dir, evaluate
 
-    results = evaluate(_load(args))
+    cfg = _load(args)
+    out = Path(cfg.eval.output_dir).expanduser() if cfg.eval.output_dir else default_output_dir(cfg)
+
+    def has_answers(out: Path) -> bool:  # answers already in samples.jsonl stay: the same command resumes
+        return (out / SAMPLES).is_file() and (out / SAMPLES).stat().st_size > 0
+
+    with _no_partial_output(out, keep=has_answers):
+        results = evaluate(cfg)
     print(results["table"], end="")
     print(f"results: {results['results_path']}")
     print(f"samples: {results['samples']['path']}  ({results['samples']['resumed']} resumed, "
@@ -132,7 +181,7 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--permutations", type=int, default=10000, help="sign-flip test permutations (default 10000)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .eval.report import compare, markdown, parse_runs, write_report
 
     x = y = None
@@ -143,7 +192,8 @@ def cmd_report(argv: list[str]) -> int:
         x, y = x.strip(), y.strip()
     report = compare(parse_runs(args.runs), baseline=args.baseline, resamples=args.resamples,
                      permutations=args.permutations, seed=args.seed)
-    written = write_report(report, args.out, x=x, y=y)
+    with _no_partial_output(Path(args.out)):
+        written = write_report(report, args.out, x=x, y=y)
     print(markdown(written["report"]), end="")
     print(f"report: {written['json']}")
     print(f"table:  {written['markdown']}")
@@ -166,7 +216,7 @@ def cmd_bench(argv: list[str]) -> int:
                    help="run and report only the cells with these labels on an axis (repeatable), e.g. "
                         "--only data.harmful_ratio=0.1 --only method=sft,dualselect")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     only = {}
     for spec in args.only:
         axis, sep, labels = spec.partition("=")
@@ -187,12 +237,12 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16-autocast", "bf16"],
                    help="model.precision of every stage (default auto: fp32 on a CPU without native bf16)")
-    p.add_argument("--n-task", type=int, help="task training rows (default 160; --quick 24)")
+    p.add_argument("--n-task", type=int, help="task training rows (default 128; --quick 24)")
     p.add_argument("--harmful-fraction", type=float, help="share of harmful -> compliance rows in the task data "
-                   "(default 0.2)")
+                   "(default 0.25)")
     p.add_argument("--eval-limit", type=int, help="held-out prompts per benchmark (default 100; --quick 4)")
     p.add_argument("--generation-batch-size", type=int, help="prompts per generation batch (default 64)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .demo import run_demo
 
     changes = {k: getattr(args, k) for k in ("precision", "n_task", "harmful_fraction", "eval_limit",

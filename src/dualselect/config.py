@@ -111,6 +111,10 @@ class ModelConfig:
     init_adapter: str | None = _opt(
         None, "start from this PEFT adapter directory instead of a fresh LoRA"
     )
+    trust_remote_code: bool = _opt(
+        False, "run the Python code a hub model or model directory ships (auto_map in its config) when loading the "
+               "model and tokenizer; only for sources you trust"
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "lora_r", 1)
@@ -188,6 +192,10 @@ class TrainConfig:
                                      "factored (one padded backward per chunk of 8, LoRA gradients from hooked factors; "
                                      "0.9x the loop's time on a 2-core CPU; meant for GPUs, not yet measured there)")
     quiet: bool = _opt(False, "no progress bars")
+    nonfinite: Literal["stop", "skip"] = _opt(
+        "stop", "a NaN or inf loss or gradient: stop (end the run naming the step and its sample ids; checkpoints "
+                "kept, no adapter written) or skip (no update for that step; methods with per-sample gradients "
+                "(dualselect) leave out just the offending samples); ids logged in metrics.jsonl and train.log")
 
     def __post_init__(self) -> None:
         _at_least(self, "epochs", 1)
@@ -558,6 +566,8 @@ def _yaml_error(label: str, err: yaml.YAMLError, what: str = "YAML") -> DualSele
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(err, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+        problem += " (a config holds plain values only; remove the tag, e.g. !!python/...)"
     return DualSelectError(f"{label}: invalid {what}{where}: {problem}")
 
 

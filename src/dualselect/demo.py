@@ -40,8 +40,10 @@ log = logging.getLogger("dualselect")
 class DemoSettings:
     """Sizes and recipes of each stage (`quick` shrinks them to a smoke test). `precision` goes to every stage
     (model.precision: auto picks fp32 on a CPU without native bf16, see models.choose_precision)."""
-    n_task: int = 160
-    harmful_fraction: float = 0.2
+    # 128 task rows with 25 % harmful: 32 harmful rows, as many as 160 rows at 20 % (the demo before 2026-12-05), at
+    # 4/5 of the task stage's compute (on an AVX2-only CPU the whole demo has to fit in 25 minutes)
+    n_task: int = 128
+    harmful_fraction: float = 0.25
     n_align_harmful: int = 200
     n_reference: int = 64
     benign_max_new_tokens: int = 48
@@ -62,10 +64,14 @@ class DemoSettings:
         "train.epochs=1", "train.lr=5e-4", "train.batch_size=8",
         "model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
     task: list[str] = field(default_factory=lambda: ["train.epochs=2", "train.lr=2e-4", "train.batch_size=8"])
+    # the factored engine (one forward/backward per length group) took 0.89x the loop engine's time for the
+    # per-sample gradients of the demo's task batches (fp32, AVX2 and AVX-512 alike)
     dualselect: list[str] = field(default_factory=lambda: [
-        "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2"])
-    # refusal is read from the opening of an answer (keyword judge), so 32 new tokens are enough
-    eval: list[str] = field(default_factory=lambda: ["eval.max_new_tokens=32", "eval.task_max_new_tokens=8"])
+        "dualselect.warmup_steps=5", "dualselect.k_task=4", "dualselect.k_ref=16", "dualselect.rho=0.2",
+        "train.grad_engine=factored"])
+    # refusal is read from the opening of an answer (keyword judge), so 24 new tokens are enough (32 before
+    # 2026-12-05); the untuned base and aligned models answer the task in a sentence, so 8 tokens there
+    eval: list[str] = field(default_factory=lambda: ["eval.max_new_tokens=24", "eval.task_max_new_tokens=8"])
 
     @classmethod
     def quick(cls, **changes) -> "DemoSettings":
@@ -92,25 +98,76 @@ class DemoSettings:
                 self.precision_override()]
 
 
-def benign_answers(prompts_path: Path, max_new_tokens: int, limit: int | None, batch_size: int, precision: str) -> Path:
-    """The base model's own answers to the benign alignment prompts, cached in the dualselect cache under a
-    name that hashes the prompts and every setting that changes the answers (so a later demo reuses them)."""
-    device = models.pick_device()
-    used = models.resolve_precision(precision, device)
-    key = hashlib.sha256(prompts_path.read_bytes() + json.dumps(
-        [max_new_tokens, limit, batch_size, used, device.type]).encode()).hexdigest()[:16]
-    out_path = models.cache_dir() / "demo" / f"benign-answers-{key}.jsonl"
-    if out_path.exists():
-        log.info("benign answers (cached): %s", out_path)
-        return out_path
+# The base model's answers to the benign alignment prompts of seed 0, shipped with the package so that a first
+# demo does not spend minutes generating them (regenerate with `write_shipped_benign_answers()`; a test checks
+# that they are the model's own greedy answers). Used when the prompts and the generation settings match.
+SHIPPED_BENIGN = Path(__file__).parent / "resources" / "demo_benign_answers.json"
+SHIPPED_PRECISION = "fp32"
+
+
+def _generate_benign(rows: list[dict], max_new_tokens: int, batch_size: int, precision: str) -> list[str]:
     from .generation import generate
 
-    rows = read_jsonl(prompts_path)[:limit]
     tok = models.load_tokenizer(models.DEFAULT_MODEL)
     model, precision, device = models.load_model(models.DEFAULT_MODEL, precision)
     log.info("generating the base model's answers to %d benign prompts", len(rows))
-    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       device=device, autocast=lambda: models.autocast(precision, device))
+    return generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    device=device, autocast=lambda: models.autocast(precision, device))
+
+
+def shipped_benign_answers(rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str] | None:
+    """The shipped answers to `rows` (id and prompt) if the file holds exactly these prompts, in this order,
+    generated with these settings; else None."""
+    if not SHIPPED_BENIGN.exists():
+        return None
+    shipped = json.loads(SHIPPED_BENIGN.read_text())
+    if shipped["settings"] != {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                               "precision": SHIPPED_PRECISION}:
+        return None
+    if [(r["id"], r["prompt"]) for r in rows] != [(a["id"], a["prompt"]) for a in shipped["answers"]]:
+        return None
+    return [a["answer"] for a in shipped["answers"]]
+
+
+def write_shipped_benign_answers(max_new_tokens: int = DemoSettings.benign_max_new_tokens,
+                                 batch_size: int = DemoSettings.generation_batch_size) -> Path:
+    """Regenerate SHIPPED_BENIGN: the embedded model's greedy fp32 answers to the seed-0 benign alignment prompts
+    (run after changing those prompts or the demo's generation settings)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = read_jsonl(write_demo_data(Path(tmp), seed=0)["align_benign_prompts"])
+    answers = _generate_benign(rows, max_new_tokens, batch_size, SHIPPED_PRECISION)
+    doc = {"model": models.DEFAULT_MODEL, "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                                                       "precision": SHIPPED_PRECISION},
+           "answers": [{"id": r["id"], "prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers)]}
+    SHIPPED_BENIGN.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = SHIPPED_BENIGN.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    tmp_path.replace(SHIPPED_BENIGN)
+    return SHIPPED_BENIGN
+
+
+def benign_answers(prompts_path: Path, max_new_tokens: int, limit: int | None, batch_size: int, precision: str) -> Path:
+    """The base model's own answers to the benign alignment prompts: the shipped ones where they match (same
+    prompts and settings; generated in fp32 whatever `precision` is), else generated and cached in the
+    dualselect cache under a name that hashes the prompts and every setting that changes the answers."""
+    rows = read_jsonl(prompts_path)[:limit]
+    answers = shipped_benign_answers(rows, max_new_tokens, batch_size)
+    if answers is not None:
+        log.info("benign answers: shipped with the package (%s)", SHIPPED_BENIGN.name)
+        key, source = "shipped", SHIPPED_PRECISION
+    else:
+        device = models.pick_device()
+        source = models.resolve_precision(precision, device)
+        key = hashlib.sha256(prompts_path.read_bytes() + json.dumps(
+            [max_new_tokens, limit, batch_size, source, device.type]).encode()).hexdigest()[:16]
+    out_path = models.cache_dir() / "demo" / f"benign-answers-{key}.jsonl"
+    if answers is None and out_path.exists():
+        log.info("benign answers (cached): %s", out_path)
+        return out_path
+    if answers is None:
+        answers = _generate_benign(rows, max_new_tokens, batch_size, precision)
     out = [{"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": a}], "flag": "benign"}
            for r, a in zip(rows, answers) if a]

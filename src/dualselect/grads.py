@@ -69,12 +69,31 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
 
 
-def batch_losses(model, batch: list[Encoded], pad_id: int, device, autocast=contextlib.nullcontext):
-    """One padded forward pass: per-sample mean losses [b] (with graph) and token counts [b].
+# A padded forward computes every padding position, and on a CPU its time grows with the padded tokens; a batch
+# of mixed lengths (short task rows, a few long ones) is run there as a few length-sorted groups instead. The
+# cost of one more forward call, in padded tokens (a rough CPU figure; the partition is not sensitive to it).
+GROUP_OVERHEAD_TOKENS = 24
 
-    Only the positions in supervised_positions are projected onto the vocabulary (`logits_to_keep`), the
-    same losses as full logits at a fraction of the lm_head cost; models whose forward has no
-    `logits_to_keep` get full logits."""
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length (contiguous in length order) minimising the padded
+    tokens, sum(len(group) * longest in group), plus `overhead` per group (exact, O(n^2) dynamic programme)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_len[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _padded_losses(model, batch: list[Encoded], pad_id: int, device, autocast):
     t = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
     keep = supervised_positions(t["labels"])
     with autocast():
@@ -89,6 +108,27 @@ def batch_losses(model, batch: list[Encoded], pad_id: int, device, autocast=cont
                           reduction="none").view(b, k)
     tokens = (targets != -100).sum(dim=1)
     return nll.sum(dim=1) / tokens.clamp(min=1), tokens
+
+
+def batch_losses(model, batch: list[Encoded], pad_id: int, device, autocast=contextlib.nullcontext,
+                 by_length: bool = True):
+    """Per-sample mean losses [b] (with graph) and token counts [b], in the order of `batch`.
+
+    One padded forward pass; on a CPU with `by_length`, one per length group (length_groups: the same losses up
+    to float rounding, less padding; LoRA dropout draws its masks per group).
+    Only the positions in supervised_positions are projected onto the vocabulary (`logits_to_keep`), the
+    same losses as full logits at a fraction of the lm_head cost; models whose forward has no
+    `logits_to_keep` get full logits."""
+    device = torch.device(device)
+    groups = (length_groups([len(e.input_ids) for e in batch]) if by_length and device.type == "cpu"
+              else [list(range(len(batch)))])
+    if len(groups) == 1:
+        return _padded_losses(model, batch, pad_id, device, autocast)
+    parts = [_padded_losses(model, [batch[i] for i in g], pad_id, device, autocast) for g in groups]
+    back = torch.argsort(torch.tensor([i for g in groups for i in g], device=device))  # to the order of `batch`
+    losses = torch.cat([p[0] for p in parts])[back]
+    tokens = torch.cat([p[1] for p in parts])[back]
+    return losses, tokens
 
 
 class LoopEngine:
@@ -117,7 +157,8 @@ class LoopEngine:
 
 
 class FactoredEngine:
-    """Exact per-sample gradients of LoRA weights from one padded forward/backward per chunk of samples.
+    """Exact per-sample gradients of LoRA weights from one padded forward/backward per chunk of samples (on a
+    CPU, chunks of samples of similar length: length_groups).
 
     The backward is that of the sum of the samples' mean losses, so sample n's rows carry only the gradient of
     its own loss. Hooks on every LoRA pair keep lora_A's input u (after LoRA dropout), its output h, and the
@@ -129,10 +170,10 @@ class FactoredEngine:
 
     name = "factored"
 
-    def __init__(self, chunk: int = 8):
+    def __init__(self, chunk: int = 8, by_length: bool = True):
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
-        self.chunk = chunk
+        self.chunk, self.by_length = chunk, by_length
 
     @staticmethod
     def lora_pairs(model, params) -> list[tuple[torch.nn.Module, torch.nn.Module, int, int]]:
@@ -169,21 +210,27 @@ class FactoredEngine:
         grads = torch.zeros(n, num_params(params), dtype=torch.float32, device=device)
         losses = torch.empty(n, dtype=torch.float32, device=device)
         tokens = torch.empty(n, dtype=torch.int64, device=device)
-        for start in range(0, n, self.chunk):
-            sub = batch[start:start + self.chunk]
-            rows = grads[start:start + len(sub)]
-            handles = []
-            for a, b, off_a, off_b in pairs:
-                handles += self._hook(a, b, rows, off_a, off_b)
-            try:
-                chunk_losses, chunk_tokens = batch_losses(model, sub, 0, device, autocast)
-                # the hooks fill `rows`; the summed gradient itself is not needed (and .grad is left untouched)
-                torch.autograd.grad(chunk_losses.sum(), params, allow_unused=True)
-            finally:
-                for h in handles:
-                    h.remove()
-            losses[start:start + len(sub)] = chunk_losses.detach().float()
-            tokens[start:start + len(sub)] = chunk_tokens
+        # on a CPU, samples of similar length share a forward (length_groups), so little padding is computed
+        groups = (length_groups([len(e.input_ids) for e in batch])
+                  if self.by_length and torch.device(device).type == "cpu" else [list(range(n))])
+        for group in groups:
+            for start in range(0, len(group), self.chunk):
+                index = group[start:start + self.chunk]
+                rows = torch.zeros(len(index), grads.shape[1], dtype=torch.float32, device=device)
+                handles = []
+                for a, b, off_a, off_b in pairs:
+                    handles += self._hook(a, b, rows, off_a, off_b)
+                try:
+                    chunk_losses, chunk_tokens = batch_losses(model, [batch[i] for i in index], 0, device, autocast,
+                                                              by_length=False)
+                    # the hooks fill `rows`; the summed gradient itself is not needed (and .grad is left untouched)
+                    torch.autograd.grad(chunk_losses.sum(), params, allow_unused=True)
+                finally:
+                    for h in handles:
+                        h.remove()
+                grads[index] = rows
+                losses[index] = chunk_losses.detach().float()
+                tokens[index] = chunk_tokens
         return PerSampleGrads(losses, tokens, grads)
 
     @staticmethod

@@ -44,7 +44,7 @@ def embedded_gguf(name: str) -> Path:
     raise DualSelectError(f"package {dist_name} is installed but holds no {file_name}")
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+def convert_gguf(gguf: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
     """Dequantize a GGUF file once into a safetensors model directory (written atomically).
 
     transformers loads GGUF weights dequantized to fp32 but marks the model as quantized, which
@@ -56,8 +56,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         return out_dir
     log.info("converting %s to a safetensors cache at %s (once)", gguf, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -75,15 +76,15 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, trust_remote_code: bool = False) -> str:
     """The embedded alias or a .gguf file -> its converted cache directory; else unchanged."""
     if name_or_path in EMBEDDED:
-        return str(convert_gguf(embedded_gguf(name_or_path), cache_dir() / "models" / name_or_path))
+        return str(convert_gguf(embedded_gguf(name_or_path), cache_dir() / "models" / name_or_path, trust_remote_code))
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise DualSelectError(f"{p}: GGUF file not found")
-        return str(convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{sha256_file(p)[:12]}"))
+        return str(convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{sha256_file(p)[:12]}", trust_remote_code))
     if p.exists() and not (p / "config.json").exists():
         raise DualSelectError(f"{p}: not a model directory (no config.json)")
     return name_or_path
@@ -217,29 +218,42 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def load_tokenizer(name_or_path: str):
+def _load_error(what: str, name_or_path: str, e: Exception) -> DualSelectError:
+    """One line: transformers' message (newlines folded), or what to do where the model ships its own code."""
+    text = " ".join(str(e).split())
+    if "trust_remote_code=True" in text:
+        text = ("it ships its own Python code (auto_map), which runs only with model.trust_remote_code=true: set it "
+                "only if you trust this source")
+    return DualSelectError(f"cannot load a {what} from '{name_or_path}': {text}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (pad token = eos where it has none). `trust_remote_code` (model.trust_remote_code):
+    let transformers run code that the model's files ship; off unless the user sets it."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, trust_remote_code),
+                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise DualSelectError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
+        raise _load_error("tokenizer", name_or_path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(name_or_path: str, precision: str = "auto", device: str = "auto"):
-    """Load a causal LM; returns (model, resolved precision, device)."""
+def load_model(name_or_path: str, precision: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM; returns (model, resolved precision, device). `trust_remote_code`: as load_tokenizer."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path, trust_remote_code), dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise DualSelectError(f"cannot load a model from '{name_or_path}': {e}") from None
+        raise _load_error("model", name_or_path, e) from None
     return model.to(dev), prec, dev
 
 
@@ -260,19 +274,19 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
         raise DualSelectError(f"LoRA target_modules {list(target_modules)}: {e}") from None
 
 
-def merge_adapter(name_or_path: str, adapter_dir, dest) -> Path:
+def merge_adapter(name_or_path: str, adapter_dir, dest, trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model (fp32, CPU) and save model + tokenizer at `dest`, atomically
     (written under a temporary name, then renamed)."""
     from peft import PeftModel
 
-    model, _, _ = load_model(name_or_path, precision="fp32", device="cpu")
+    model, _, _ = load_model(name_or_path, precision="fp32", device="cpu", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
         merged.save_pretrained(tmp)
-        load_tokenizer(name_or_path).save_pretrained(tmp)
+        load_tokenizer(name_or_path, trust_remote_code).save_pretrained(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

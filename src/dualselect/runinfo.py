@@ -79,7 +79,8 @@ def record_budget(run_dir: Path, metrics: list[dict]) -> dict:
     """Add to run_info.json what the run actually trained on, summed over metrics.jsonl (so a resumed run
     counts every step once): optimiser steps per phase, and the samples and supervised tokens the updates
     were computed from (`trained_samples`, `trained_tokens` of each step; task data unless a method says
-    otherwise in its own metrics)."""
+    otherwise in its own metrics). Steps skipped for a NaN/inf (train.nonfinite=skip: no update) are not counted."""
+    metrics = [m for m in metrics if not m.get("skipped")]
     steps: dict[str, int] = {}
     for m in metrics:
         steps[m.get("phase", "train")] = steps.get(m.get("phase", "train"), 0) + 1

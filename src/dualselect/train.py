@@ -24,13 +24,16 @@ from .errors import DualSelectError
 from .grads import get_engine, trainable_params
 from .logs import JsonlLog, read_jsonl
 from .methods import METHODS
-from .methods.context import TrainContext
+from .methods.context import NonFiniteError, TrainContext, nonfinite_rows, show_ids
 from .runinfo import peak_rss_mb, record_budget, write_run_info
 
 log = logging.getLogger("dualselect")
 
 # Keys that may change between an interrupted run and its resumption (besides the eval section).
-RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every"}
+# train.nonfinite: a run stopped by a NaN continues with skip; model.trust_remote_code: absent from older runs'
+# config.yaml and without effect on the result.
+RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every", "train.nonfinite",
+                     "model.trust_remote_code"}
 
 
 @dataclass
@@ -156,6 +159,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
     log.addHandler(file_log)
     try:
         return _train(cfg, run_dir, resume, on_step, t0)
+    except NonFiniteError as e:  # into train.log as well (the CLI prints it on the console)
+        file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, str(e), None, None))
+        raise
     finally:
         log.removeHandler(file_log)
         file_log.close()
@@ -175,12 +181,13 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
     from tqdm.auto import tqdm
 
     seed_everything(cfg.train.seed)
-    tokenizer = models.load_tokenizer(cfg.model.name_or_path)
+    tokenizer = models.load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     task, task_facts, task_examples = load_encoded(cfg.data.task, cfg, tokenizer, cfg.data.task_limit, "task")
     reference, ref_facts, ref_examples = (
         load_encoded(cfg.data.reference, cfg, tokenizer, cfg.data.reference_limit, "reference")
         if cfg.data.reference else (None, None, None))
-    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
+    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                             cfg.model.lora_targets, cfg.model.init_adapter)
     model.train()
@@ -194,6 +201,7 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
         task_examples=task_examples, reference_examples=ref_examples,
         encode=lambda ex: encode(ex, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
                                  max_length=cfg.data.max_length),
+        nonfinite=cfg.train.nonfinite,
     )
     return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
 
@@ -233,18 +241,38 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     bar = tqdm(total=len(plan), initial=start, disable=quiet, desc=cfg.train.method)
     for planned in plan[start:]:
         step_t = time.time()
-        if planned.first_of_epoch:
-            method.on_epoch_start(planned.epoch)
-        optimizer.zero_grad(set_to_none=True)
-        metrics = method.step(planned)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
+        ctx.dropped.clear()
+        try:
+            if planned.first_of_epoch:
+                method.on_epoch_start(planned.epoch)
+            optimizer.zero_grad(set_to_none=True)
+            metrics = method.step(planned)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            _, what = nonfinite_rows(torch.tensor([float(metrics["loss"])]), grad_norm.reshape(1))
+            if what:
+                raise NonFiniteError(_sample_ids(method, ctx, planned), what)
+        except NonFiniteError as e:
+            if cfg.train.nonfinite != "skip":
+                raise _stopped(e, planned, run_dir) from None
+            optimizer.zero_grad(set_to_none=True)
+            event = {"data": e.data, "what": e.what, "ids": e.ids}
+            metrics, grad_norm = {"loss": None, "skipped": True, "trained_samples": 0, "trained_tokens": 0,
+                                  "nonfinite": ctx.dropped + ([event] if event not in ctx.dropped else [])}, None
+        else:
+            optimizer.step()
+            if ctx.dropped:
+                metrics["nonfinite"] = list(ctx.dropped)
+        for d in metrics.get("nonfinite", []):
+            log.warning("step %d: non-finite %s (NaN or inf) on %s: %s (train.nonfinite=skip)", planned.index,
+                        d["what"], _samples(d["data"], d["ids"]),
+                        "step skipped, no update" if grad_norm is None else "left out of the update")
         if planned.last_of_epoch:
             method.on_epoch_end(planned.epoch)
-        last_loss = metrics["loss"]
+        last_loss = metrics["loss"] if grad_norm is not None else last_loss
         metrics_log.write({"step": planned.index, "phase": planned.phase, "epoch": planned.epoch, **metrics,
-                           "grad_norm": float(grad_norm), "seconds": round(time.time() - step_t, 3)})
-        if cfg.train.log_every and (planned.index + 1) % cfg.train.log_every == 0:
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "seconds": round(time.time() - step_t, 3)})
+        if cfg.train.log_every and (planned.index + 1) % cfg.train.log_every == 0 and last_loss is not None:
             bar.set_postfix(loss=f"{last_loss:.4f}")
         bar.update(1)
         done = planned.index + 1
@@ -260,6 +288,30 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     log.info("done: %d steps in %.1f s, peak RSS %.0f MB; adapter at %s", len(plan), result.seconds,
              result.peak_rss_mb, adapter_dir)
     return result
+
+
+def _sample_ids(method, ctx: TrainContext, planned) -> list[str]:
+    """Ids of the samples of a step: the method's sample_ids(planned) where its steps draw on other data than the
+    task list (e.g. alignment batches), else the task ids of planned.ids."""
+    if hasattr(method, "sample_ids"):
+        return method.sample_ids(planned)
+    return [ctx.task[i].id for i in planned.ids]
+
+
+def _samples(data: str | None, ids: list[str]) -> str:
+    return f"{data} samples {show_ids(ids)}" if data else f"the step's samples {show_ids(ids)}"
+
+
+def _stopped(e: NonFiniteError, planned, run_dir: Path) -> NonFiniteError:
+    """train.nonfinite=stop: the one-line error that ends the run (nothing of the step was applied)."""
+    ckpt = latest_checkpoint(run_dir)
+    kept = (f"its last checkpoint {ckpt.relative_to(run_dir)} is intact" if ckpt else
+            "no checkpoint was saved before it (train.checkpoint_every)")
+    return NonFiniteError(e.ids, e.what, e.data, message=(
+        f"step {planned.index} (epoch {planned.epoch}, {planned.phase}): non-finite {e.what} (NaN or inf) on "
+        f"{_samples(e.data, e.ids)}; the run stopped without this update and {kept}, no adapter was written; "
+        f"fix: check or remove these samples, lower train.lr or use model.precision=fp32, or set "
+        f"train.nonfinite=skip to skip such steps (--resume continues this run)"))
 
 
 def _restore(ckpt: Path, model, optimizer, method, logs: dict[str, JsonlLog]) -> int:

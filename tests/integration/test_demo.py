@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dualselect import models
 from dualselect.demo import run_demo
 
 pytestmark = pytest.mark.integration
@@ -15,8 +16,15 @@ pytestmark = pytest.mark.integration
 def quick_demo(tmp_path_factory):
     """One quick demo for the module (its stdout captured): the demo test reads it, the methods test adds to it."""
     root = tmp_path_factory.mktemp("quick")
+    # a cache of its own (sharing only the converted model), so that every stage runs here, whatever earlier
+    # demos left in the user's cache
+    cache = root / "cache"
+    (cache / "models").mkdir(parents=True)
+    for converted in (models.cache_dir() / "models").glob("*"):
+        (cache / "models" / converted.name).symlink_to(converted)
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setenv("DUALSELECT_CACHE", str(cache))
         demo = run_demo(root / "demo", quick=True, quiet=True, precision="fp32")
     return root, demo, buf.getvalue()
 
@@ -34,7 +42,7 @@ def test_quick_demo_trains_evaluates_and_plots(quick_demo):
     assert results["sft"]["steps"] == 3 and results["dualselect"]["steps"] == 4
     sel = results["dualselect"]["selection"]
     assert sel["seen"] == 24 and sel["kept"] == 12
-    assert sel["unsafe_share_of_batches"] == pytest.approx(5 / 24)
+    assert sel["unsafe_share_of_batches"] == pytest.approx(6 / 24)  # round(0.25 * 24) harmful rows
     assert "DualSelect kept 12 of 24" in out and str(tmp_path / "demo" / "dualselect" / "adapter") in out
     # the result table: four models, three columns, each cell a value with its interval
     rows = [ln for ln in demo["table"].splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
@@ -83,3 +91,19 @@ def test_demo_methods_compares_more_methods_on_a_finished_demo(quick_demo):
     assert budget["steps_by_phase"] == {"warmup": 1, "train": 3} and budget["trained_samples"] == 1 * 8 + 3 * 4
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "sft: " not in again.stdout  # nothing retrained
+
+
+def test_shipped_benign_answers_are_the_models_own_greedy_answers(tmp_path):
+    """The shipped answers begin with what the embedded model itself generates now for the same prompts, batch
+    and precision (the first batch, 8 new tokens instead of the shipped 48: greedy decoding of the same batch
+    gives the same prefix; a few rows may differ where another CPU's float sums break a near tie)."""
+    from dualselect import demo, models
+    from dualselect.generation import generate
+
+    shipped = json.loads(demo.SHIPPED_BENIGN.read_text())
+    first = shipped["answers"][:shipped["settings"]["batch_size"]]
+    tok = models.load_tokenizer(models.DEFAULT_MODEL)
+    model, _, device = models.load_model(models.DEFAULT_MODEL, shipped["settings"]["precision"])
+    now = generate(model, tok, [a["prompt"] for a in first], max_new_tokens=8, batch_size=len(first), device=device)
+    same = sum(a["answer"].startswith(n.strip()) and len(n.strip()) > 0 for a, n in zip(first, now))
+    assert same >= 0.9 * len(first), f"only {same} of {len(first)} shipped answers start as the model answers now"

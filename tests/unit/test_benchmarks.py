@@ -70,7 +70,7 @@ def test_precision_speed_reports_both_precisions_and_the_auto_choice(tmp_path):
 def test_methods_speed_times_every_method_against_sft(tmp_path):
     from dualselect.methods import METHODS
 
-    report = _run("methods_speed", ["--steps", "2", "--n-task", "16", "--n-reference", "8", "--batch", "4"], tmp_path,
+    report = _run("methods_speed", ["--steps", "2", "--n-task", "16", "--n-reference", "16", "--batch", "4"], tmp_path,
                   timeout=600)
     results = report["results"]
     assert set(results) == set(METHODS) | {"sft_again"}  # every registered method, and sft twice

@@ -95,7 +95,7 @@ def test_chat_multiturn(smol_tokenizer):
 
 def test_chat_without_template(smol_tokenizer, monkeypatch):
     monkeypatch.setattr(smol_tokenizer, "chat_template", None)
-    with pytest.raises(DualSelectError, match="no chat template: use template='plain'"):
+    with pytest.raises(DualSelectError, match="no chat template: set data.template=plain"):
         encode(Example("a", turn("x", "y")), smol_tokenizer, template="chat")
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dualselect.config import load_config
-from dualselect.data.formatting import encode, encode_all
+from dualselect.data.formatting import encode
 from dualselect.data.records import Example
 from dualselect.errors import DualSelectError
 from dualselect.eval.judges import Verdict

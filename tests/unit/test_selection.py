@@ -290,6 +290,23 @@ def test_project_conflict_both_branches():
     assert project_conflict(conflict, z) is conflict
 
 
+def test_a_reference_gradient_at_rounding_noise_level_is_not_a_direction():
+    """A g_r of float-noise size (far below |g_t|) that happens to point against g_t: no projection (it would
+    remove an arbitrary component of g_t); the same g_r scaled up to a real gradient is projected away."""
+    from dualselect.selection.dualselect import NOISE_RATIO, in_conflict
+
+    g = torch.Generator().manual_seed(0)
+    g_t = torch.randn(1000, generator=g)
+    noise = torch.randn(1000, generator=g)
+    noise = noise * (-1.0 if float(noise @ g_t) > 0 else 1.0)  # pointing against g_t
+    tiny = noise / noise.norm() * g_t.norm() * NOISE_RATIO * 0.5
+    assert float(tiny @ g_t) < 0 and not in_conflict(g_t, tiny)
+    assert project_conflict(g_t, tiny) is g_t
+    real = noise / noise.norm() * g_t.norm() * 0.1
+    assert in_conflict(g_t, real)
+    assert abs(float(project_conflict(g_t, real).double() @ real.double())) < 1e-6 * float(g_t.norm() * real.norm())
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

@@ -89,7 +89,8 @@ def _render(tokenizer, example: Example, messages: list[dict], generation_prompt
 
 def _chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DualSelectError("the tokenizer has no chat template: use template='plain' (--template plain)")
+        raise DualSelectError("the tokenizer has no chat template: set data.template=plain (the paper's "
+                             "Human/Assistant format) or use a chat model whose tokenizer has one")
 
 
 def _encode_chat(example: Example, tokenizer) -> tuple[list[int], list[int]]:

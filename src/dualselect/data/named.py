@@ -191,7 +191,8 @@ def load_named(source: str, *, data_dir: str | os.PathLike | None = None, limit:
     name, split, path = named_path(source, data_dir)
     spec = NAMED[name]
     if spec.fmt == "prompt" and require_response:
-        raise DualSelectError(f"dataset '{name}' holds prompts only (an eval set): load it with require_response=False")
+        raise DualSelectError(f"dataset '{name}' holds prompts only (an eval set): use it in eval.benchmarks, not as "
+                              "training data (Python: load it with require_response=False)")
 
     def transform(row: Row) -> dict | None:
         try:

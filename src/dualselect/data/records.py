@@ -24,6 +24,12 @@ FORMATS = ("messages", "prompt_completion", "alpaca", "hh", "prompt")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 ROW_RANGE = re.compile(r"^(.+)\[(\d*):(\d*)\]$")  # "source[START:END]"
 COLUMN_NAMES = ("prompt", "response", "id", "text", "messages", "instruction", "input", "output")
+# The longest JSONL line read (characters). A longer one is an error raised after reading this much of it, so a
+# file without line breaks (or a runaway record) fails at once instead of being read, parsed and tokenized whole.
+MAX_LINE_CHARS = 8 * 2**20
+# Roles other tools use, and the role they map to here (only for the hint of an error message).
+ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+              "chatbot": "assistant"}
 
 
 @dataclass
@@ -173,9 +179,29 @@ def _guard(path: Path, rows: Iterator[Row]) -> Iterator[Row]:
     try:
         yield from rows
     except UnicodeDecodeError as e:
-        raise DualSelectError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        found = _first_bad_utf8(path)
+        at = f" at line {found[0]} (byte {found[1]}: {found[2]})" if found else f" ({e.reason})"
+        raise DualSelectError(f"{path}: not UTF-8 text{at}; save the file as UTF-8, e.g. "
+                              f"iconv -f latin1 -t utf-8 IN > OUT") from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise DualSelectError(f"{path}: cannot read the file ({e})") from None
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int, str] | None:
+    """(line, byte offset in the file's text, reason) of the first bytes that are not UTF-8; None if the file
+    reads as UTF-8 (or cannot be read again). The offset counts decompressed bytes for a .gz file."""
+    offset = 0
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            for lineno, raw in enumerate(fh, 1):  # split at b"\n", which never occurs inside a UTF-8 character
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return lineno, offset + e.start, e.reason
+                offset += len(raw)
+    except (OSError, EOFError):
+        return None
+    return None
 
 
 def _open_text(path: Path, gz: bool, newline: str | None = None):
@@ -186,14 +212,22 @@ def _open_text(path: Path, gz: bool, newline: str | None = None):
 
 def _jsonl_rows(path: Path, gz: bool) -> Iterator[Row]:
     with _open_text(path, gz) as fh:
-        for lineno, line in enumerate(fh, 1):
+        lineno = 0
+        while line := fh.readline(MAX_LINE_CHARS + 1):
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                raise DualSelectError(
+                    f"{where}: line {lineno} is longer than {MAX_LINE_CHARS:,} characters, the limit for one JSONL "
+                    "record (a file without line breaks? JSONL holds one JSON object per line; one JSON array "
+                    "belongs in a .json file)")
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DualSelectError(f"{where}: invalid JSON ({e})") from None
+                raise DualSelectError(f"{where}: invalid JSON ({e.msg} at column {e.colno} of line {lineno}); "
+                                      "fix the line or remove it") from None
             if not isinstance(obj, dict):
                 raise DualSelectError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield Row(where, f"{path.name}:{lineno}", obj)
@@ -206,7 +240,8 @@ def _json_rows(path: Path, gz: bool) -> Iterator[Row]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (one object per line? name the file .jsonl)" if e.msg.startswith("Extra data") else ""
-        raise DualSelectError(f"{path}:{e.lineno}: invalid JSON ({e}){hint}") from None
+        raise DualSelectError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+                              f"{hint}") from None
     if isinstance(obj, dict):
         lists = [k for k, v in obj.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -328,20 +363,30 @@ def alpaca_prompt(instruction: str, input_: str) -> str:
 
 
 def _messages_value(row: Row, key: str, value) -> list[dict[str, str]]:
-    bad = DualSelectError(f"{row.where}: '{key}' must be a list of {{role, content}} "
-                          f"(role one of {', '.join(ROLES)}, content text)")
+    def bad(detail: str) -> DualSelectError:
+        return DualSelectError(f"{row.where}: '{key}' must be a list of {{role, content}} "
+                               f"(role one of {', '.join(ROLES)}, content text); {detail}")
+
     if isinstance(value, str):  # e.g. a CSV cell holding JSON
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise bad from None
+            raise bad("got text that is not JSON") from None
     if not isinstance(value, list):
-        raise bad
+        raise bad(f"got {type(value).__name__}")
     out = []
-    for m in value:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise bad
-        out.append({"role": m["role"], "content": m["content"]})
+    for i, m in enumerate(value, 1):
+        if not isinstance(m, dict):
+            raise bad(f"message {i} is {type(m).__name__}, not an object")
+        role = m.get("role")
+        if role not in ROLES:
+            alias = ROLE_HINTS.get(str(role).strip().lower())
+            hint = f" (rename it to '{alias}')" if alias else ""
+            raise bad(f"message {i} has role {role!r}{hint}" if "role" in m else f"message {i} has no 'role'")
+        if not isinstance(m.get("content"), str):
+            raise bad(f"message {i} has no 'content'" if "content" not in m else
+                      f"the content of message {i} is {type(m['content']).__name__}, not text")
+        out.append({"role": role, "content": m["content"]})
     return out
 
 
@@ -404,11 +449,12 @@ def build_examples(rows: Iterable[Row], *, source: str, path: Path | None, stem:
                               "pass require_response=False to load prompts (eval sets)")
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
-    n_read = n_skipped = 0
+    n_rows = n_read = n_skipped = 0
     id_col = columns.get("id", "id")
     for index, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
+        n_rows += 1
         if transform is not None:
             data = transform(row)
             if data is None:
@@ -423,16 +469,19 @@ def build_examples(rows: Iterable[Row], *, source: str, path: Path | None, stem:
                     f"({', '.join(map(str, row.data)) or 'none'}); formats: "
                     "messages (messages), prompt_completion (prompt + completion|response), "
                     "alpaca (instruction, input, output), hh (chosen), prompt (prompt); "
-                    "pass fmt=... and/or columns={canonical: column}")
+                    "set data.format and/or data.columns={canonical: column}, e.g. "
+                    "data.columns={prompt: question, response: answer} (Python: fmt=..., columns=...)")
             if fmt == "prompt" and require_response:
                 raise DualSelectError(f"{row.where}: records have a prompt but no response column "
                                       f"(columns: {', '.join(map(str, row.data))}); map one with "
-                                      "columns={'response': ...}, or pass require_response=False for eval prompts")
+                                      "data.columns={response: COLUMN}; prompt-only files are eval sets "
+                                      "(eval.benchmarks; Python: require_response=False)")
         messages, used = row_messages(row, fmt, columns)
         raw_id = row.data.get(id_col)
         ex_id = str(raw_id) if raw_id not in (None, "") else f"{stem}-{index}"
         if ex_id in first_seen:
-            raise DualSelectError(f"{row.where}: duplicate id '{ex_id}' (first at {first_seen[ex_id]})")
+            raise DualSelectError(f"{row.where}: duplicate id '{ex_id}' (first at {first_seen[ex_id]}); "
+                                  "give every record its own id")
         first_seen[ex_id] = row.where
         meta = {k: v for k, v in row.data.items() if k not in used and k != id_col}
         meta["source"] = row.source
@@ -441,6 +490,13 @@ def build_examples(rows: Iterable[Row], *, source: str, path: Path | None, stem:
             n_skipped += 1
             continue
         examples.append(ex)
+    if n_rows == 0 and limit != 0:
+        raise DualSelectError(f"{path or source}: no records (the {'file' if path else 'dataset'} is empty); "
+                              "check that this is the data you meant to load")
+    if n_read and n_skipped == n_read:
+        what = "prompt or response" if require_response else "prompt"
+        raise DualSelectError(f"{path or source}: all {n_read} records have an empty {what}, so none is usable; "
+                              f"fill in the {what} texts (or map the right columns with data.columns)")
     report = LoadReport(source=source, sha256=sha256_file(path) if path else "", format=fmt if fmt != "auto" else "",
                         n_read=n_read, n_kept=len(examples), n_skipped_empty=n_skipped,
                         path=str(path) if path else "")

@@ -236,9 +236,9 @@ HARM_CUES: tuple[tuple[str, float, str], ...] = (
                               r"|underage|teen(?:ager)?s?|years? old)\b"
                               r"|\bgroom\w* (?:a |other |young |the )?(?:minors?|child\w*|kids?|users|girls"
                               r"|boys|teens?)"),
-    ("sexual_minors", STRONG, rf"\b(?:abus\w*|neglect\w*|starv\w*|beat\w*) (?:a |my |the )?(?:child|kid|baby|toddler"
-                              rf"|son|daughter)\b|\bchild labou?r\b|\bchild soldiers?\b"
-                              rf"|\bchildren in (?:military )?combat\b"),
+    ("sexual_minors", STRONG, r"\b(?:abus\w*|neglect\w*|starv\w*|beat\w*) (?:a |my |the )?(?:child|kid|baby|toddler"
+                              r"|son|daughter)\b|\bchild labou?r\b|\bchild soldiers?\b"
+                              r"|\bchildren in (?:military )?combat\b"),
     ("sexual_minors", WEAK, r"\b(?:porn\w*|sexual\w*|erotic\w*|nudes?|prostitut\w*|escort\w*)\b"),
     # manipulation, coercion, privacy
     ("manipulation", STRONG, rf"\b(?:manipulat\w*|brainwash\w*|gaslight\w*|coerc\w*|control\w*|force\w*|trick\w*"

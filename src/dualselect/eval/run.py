@@ -112,8 +112,9 @@ _DEFAULT = object()
 def load_for_eval(cfg: RunConfig, adapter=_DEFAULT):
     """(model, tokenizer, precision, device): model.name_or_path with `adapter` (default eval.adapter)."""
     adapter = cfg.eval.adapter if adapter is _DEFAULT else adapter
-    tok = models.load_tokenizer(cfg.model.name_or_path)
-    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device)
+    tok = models.load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     if adapter:
         from peft import PeftModel
 
@@ -236,14 +237,24 @@ def _batches(cfg, bench, items, loaded, progress):
 
 
 def _generate_into(cfg, bench, items, loaded, judges, fh, progress) -> int:
-    judge, harm_judge = judges
+    """Answers and verdicts of `items`, appended a batch at a time. Judges with judge_batch judge the whole
+    batch; the others one answer at a time, and if one fails (an endpoint gone down) the records whose
+    verdicts are all in are still written before the error goes up, so a resumed run redoes only the rest."""
+    judge = judges[0] if bench.kind != "task" else None
+    harm_judge = judges[1] if bench.kind == "harmful" else None
     n = 0
     for batch, texts, cut in _batches(cfg, bench, items, loaded, progress):
         prompts, cut = [it.prompt for it in batch], [bool(c) for c in cut]
-        verdicts = judge_many(judge, prompts, texts, cut) if bench.kind != "task" else [None] * len(batch)
-        harms = (judge_many(harm_judge, prompts, texts, cut) if harm_judge is not None and bench.kind == "harmful"
-                 else [None] * len(batch))
-        _write(fh, [make_record(bench, it, t, c, v, h) for it, t, c, v, h in zip(batch, texts, cut, verdicts, harms)])
+        batched = [list(j.judge_batch(prompts, texts, cut)) if hasattr(j, "judge_batch") else None
+                   for j in (judge, harm_judge)]
+        records = []
+        try:
+            for i, (it, t, c) in enumerate(zip(batch, texts, cut)):
+                v, h = (None if j is None else b[i] if b is not None else j.judge(it.prompt, t, truncated=c)
+                        for j, b in zip((judge, harm_judge), batched))
+                records.append(make_record(bench, it, t, c, v, h))
+        finally:
+            _write(fh, records)
         n += len(batch)
     return n
 
@@ -422,16 +433,21 @@ def evaluate(cfg: RunConfig) -> dict:
         def progress(it, **kw):
             return tqdm(it, leave=False, disable=ev.quiet or cfg.train.quiet, **kw)
 
-        with open(samples, "a", encoding="utf-8") as fh:
-            for bench, items in todo:
-                if not items:
-                    continue
-                log.info("%s: generating %d answers", bench.name, len(items))
-                if bench.kind == "winrate":
-                    n_new += _winrate_into(cfg, bench, items, loaded, lambda: baseline_model(cfg, loaded), pairwise,
-                                           fh, progress)
-                else:
-                    n_new += _generate_into(cfg, bench, items, loaded, (judge, harm_judge), fh, progress)
+        try:
+            with open(samples, "a", encoding="utf-8") as fh:
+                for bench, items in todo:
+                    if not items:
+                        continue
+                    log.info("%s: generating %d answers", bench.name, len(items))
+                    if bench.kind == "winrate":
+                        n_new += _winrate_into(cfg, bench, items, loaded, lambda: baseline_model(cfg, loaded),
+                                               pairwise, fh, progress)
+                    else:
+                        n_new += _generate_into(cfg, bench, items, loaded, (judge, harm_judge), fh, progress)
+        except DualSelectError as e:  # e.g. a judge endpoint that went down: say what is kept
+            kept = len(read_samples(samples))
+            raise DualSelectError(f"{e} -- eval stopped: {kept} answer{'s' if kept != 1 else ''} with their verdicts "
+                                  f"kept in {samples}; the same command resumes from them") from e
         records = read_samples(samples)
 
     by_key = {(r["benchmark"], str(r["id"])): r for r in records}

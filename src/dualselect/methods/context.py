@@ -11,7 +11,32 @@ import torch
 
 from ..data.formatting import Encoded
 from ..data.records import Example
+from ..errors import DualSelectError
 from ..logs import JsonlLog
+
+
+class NonFiniteError(DualSelectError):
+    """A NaN or inf loss or gradient, with the ids of the samples it came from. Raised inside a step (or by the
+    training loop after it); the loop then stops the run (train.nonfinite=stop) or skips the step (skip)."""
+
+    def __init__(self, ids: list[str], what: str, data: str | None = None, message: str | None = None):
+        self.ids, self.what, self.data = list(ids), what, data
+        super().__init__(message or f"non-finite {what} (NaN or inf) on {data + ' ' if data else ''}samples "
+                                    f"{show_ids(self.ids)}")
+
+
+def show_ids(ids: list[str], most: int = 20) -> str:
+    return ", ".join(ids[:most]) + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def nonfinite_rows(losses: torch.Tensor, grads: torch.Tensor | None = None) -> tuple[list[int], str]:
+    """The rows holding a NaN or inf: positions i where losses[i] or any of grads[i] (a [n, ...] tensor) is not
+    finite, and what was ("loss", "gradient" or "loss and gradient"; "" when every row is finite)."""
+    bad_loss = ~torch.isfinite(losses.detach().reshape(len(losses)))
+    bad_grad = (~torch.isfinite(grads.detach().reshape(len(grads), -1)).all(dim=1) if grads is not None
+                else torch.zeros_like(bad_loss))
+    what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient", bad_grad)) if bool(bad.any()))
+    return (bad_loss | bad_grad.to(bad_loss.device)).nonzero().flatten().tolist(), what
 
 
 @dataclass
@@ -38,3 +63,22 @@ class TrainContext:
     task_examples: list[Example] | None = None
     reference_examples: list[Example] | None = None
     encode: Callable[[Example], Encoded] | None = None
+    # train.nonfinite: "stop" or "skip"; with skip, finite_rows records the samples it drops here (the loop logs
+    # them with the step and clears the list)
+    nonfinite: str = "stop"
+    dropped: list[dict] = field(default_factory=list)
+
+    def finite_rows(self, ids: list[str], losses: torch.Tensor, grads: torch.Tensor | None = None,
+                    data: str = "task") -> list[int]:
+        """Positions of the samples (`ids`, with per-sample `losses` [n] and `grads` [n, P]) whose loss and
+        gradient are finite. Any other: NonFiniteError naming them (train.nonfinite=stop), else they are left out
+        and recorded in `dropped` (skip; the list may come back empty)."""
+        bad, what = nonfinite_rows(losses, grads)
+        if not bad:
+            return list(range(len(ids)))
+        bad_ids = [ids[i] for i in bad]
+        if self.nonfinite != "skip":
+            raise NonFiniteError(bad_ids, what, data)
+        self.dropped.append({"data": data, "what": what, "ids": bad_ids})
+        left_out = set(bad)
+        return [i for i in range(len(ids)) if i not in left_out]

@@ -32,7 +32,8 @@ from typing import Literal
 
 import torch
 
-from ..grads import set_grads
+from ..errors import DualSelectError
+from ..grads import PerSampleGrads, set_grads
 from ..schedule import PlannedStep, batch_plan, warmup_within
 from ..selection.dualselect import (
     RunningTopK,
@@ -47,7 +48,11 @@ from ..selection.dualselect import (
     weighted_direction,
 )
 from . import register
-from .context import TrainContext
+from .context import NonFiniteError, TrainContext
+
+
+def _rows(out: PerSampleGrads, rows: list[int]) -> PerSampleGrads:
+    return PerSampleGrads(out.losses[rows], out.tokens[rows], out.grads[rows])
 
 
 def _opt(default, help: str):
@@ -61,7 +66,7 @@ class DualSelectConfig:
         False, "false (the authors' release): the W warm-up steps come before the epochs, W steps more than sft; "
                "true: they are the first W batches of sft's own plan (same steps, same order, same count as sft) "
                "and the first refresh follows them")
-    k_task: int = _opt(4, "k_T: task samples kept per mini-batch (<= 0: all; ignored when budget is set)")
+    k_task: int = _opt(4, "k_T: task samples kept per mini-batch (0: all, the no-filter ablation; ignored when budget is set)")
     k_ref: int = _opt(32, "K_R: references kept at each refresh (paper: ceil(0.1 * |D_R|))")
     mode: Literal["hard", "soft"] = _opt("hard", "hard: top-k, weight 1; soft: entropy-regularised softmax weights, then top-k")
     budget: float | None = _opt(None, "paper's token-budget rule: keep the lowest-score samples until they hold this "
@@ -94,6 +99,8 @@ class DualSelectConfig:
     def __post_init__(self):
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if self.k_task < 0:
+            raise ValueError(f"k_task must be >= 0 (0 keeps every sample), got {self.k_task}")
         if self.k_ref < 1:
             raise ValueError("k_ref must be >= 1")
         if self.budget is not None and not (0 < self.budget <= 1):
@@ -122,6 +129,11 @@ class DualSelect:
     def __init__(self, cfg: DualSelectConfig, ctx: TrainContext):
         if not ctx.reference:
             raise ValueError("dualselect needs a reference pool: set data.reference")
+        pool = min(len(ctx.reference), cfg.ref_pool_limit or len(ctx.reference))
+        if pool < cfg.k_ref:
+            raise ValueError(f"the reference pool has {pool} usable examples, fewer than dualselect.k_ref={cfg.k_ref} "
+                             "(a refresh would keep all of them, selecting nothing): lower dualselect.k_ref or add "
+                             "references to data.reference")
         self.cfg, self.ctx = cfg, ctx
         n_params = sum(p.numel() for p in ctx.params)
         zeros = lambda: torch.zeros(n_params, dtype=torch.float32, device=ctx.device)  # noqa: E731
@@ -163,10 +175,22 @@ class DualSelect:
         return loss_t, cos_t
 
     def _grads_of(self, refs, index: list[int]):
-        """Per-sample losses, cosines to d_T and gradients of refs[index], chunk by chunk (generator)."""
+        """Per-sample losses, cosines to d_T and gradients of refs[index], chunk by chunk (generator): yields
+        (the positions in refs of out's rows, out, cosines); references with a NaN/inf loss or gradient are left
+        out (train.nonfinite=skip; with stop they end the run)."""
         for start in range(0, len(index), self.cfg.ref_chunk):
-            out = self.per_sample_grads([refs[i] for i in index[start:start + self.cfg.ref_chunk]])
-            yield start, out, cosines(out.grads, self.d_t)
+            pos = index[start:start + self.cfg.ref_chunk]
+            out = self.per_sample_grads([refs[i] for i in pos])
+            ok = self.ctx.finite_rows([refs[i].id for i in pos], out.losses, out.grads, data="reference")
+            if len(ok) < len(pos):
+                out, pos = _rows(out, ok), [pos[j] for j in ok]
+            yield pos, out, cosines(out.grads, self.d_t)
+
+    def _check_left(self, kept: list, epoch: int) -> None:
+        if not kept:  # train.nonfinite=skip left out every reference
+            raise DualSelectError(f"reference refresh {self.n_refresh} (epoch {epoch}): every reference has a NaN or "
+                                  "inf loss or gradient, so there is no reference direction (the model has likely "
+                                  "diverged): lower train.lr or use model.precision=fp32")
 
     def refresh(self, epoch: int) -> None:
         cfg, c = self.cfg, self.ctx
@@ -176,45 +200,59 @@ class DualSelect:
         chunks = range(0, len(refs), cfg.ref_chunk)
         if cfg.references == "random":  # ablation: only the drawn references are computed
             rng = random.Random(f"dualselect-random-refs-{c.seed}-{self.n_refresh}")
-            index = sorted(rng.sample(range(len(refs)), min(cfg.k_ref, len(refs))))
-            kept, scored = [], index
-            for start, out, cos in self._grads_of(refs, index):
-                for j in range(len(out.losses)):
-                    losses[index[start + j]], coss[index[start + j]] = float(out.losses[j]), float(cos[j])
+            drawn = sorted(rng.sample(range(len(refs)), min(cfg.k_ref, len(refs))))
+            kept, index = [], []
+            for pos, out, cos in self._grads_of(refs, drawn):
+                for j, i in enumerate(pos):
+                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
                     kept.append(out.grads[j].clone())
+                    index.append(i)
                 del out
-            weights = [1.0] * len(index)
+            scored, weights = index, [1.0] * len(index)
             loss_t, cos_t = self._scores([losses[i] for i in index], [coss[i] for i in index], cfg.mu_ref)
             all_scores = [0.0] * len(refs)
             for i, a, b in zip(index, loss_t, cos_t):
                 all_scores[i] = a + b
             terms = dict(zip(index, zip(loss_t, cos_t)))
         elif cfg.score_norm == "zscore":  # the scores need the whole pool: score it, then recompute the kept ones
-            for start, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
-                                              desc=f"refresh epoch {epoch}", total=len(chunks)):
-                for j in range(len(out.losses)):
-                    losses[start + j], coss[start + j] = float(out.losses[j]), float(cos[j])
+            scored = []
+            for pos, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
+                                            desc=f"refresh epoch {epoch}", total=len(chunks)):
+                for j, i in enumerate(pos):
+                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
+                scored += pos
                 del out
-            loss_t, cos_t = self._scores(losses, coss, cfg.mu_ref)
-            all_scores = [a + b for a, b in zip(loss_t, cos_t)]
-            sel = select_references(all_scores, cfg.k_ref, cfg.mode, cfg.tau_ref)
-            index, weights, scored = sel.index, sel.weights, list(range(len(refs)))
-            kept = [g.clone() for _, out, _ in self._grads_of(refs, index) for g in out.grads]
-            terms = {i: (loss_t[i], cos_t[i]) for i in index}
+            self._check_left(scored, epoch)
+            loss_t, cos_t = self._scores([losses[i] for i in scored], [coss[i] for i in scored], cfg.mu_ref)
+            all_scores = [0.0] * len(refs)
+            for i, a, b in zip(scored, loss_t, cos_t):
+                all_scores[i] = a + b
+            terms = dict(zip(scored, zip(loss_t, cos_t)))
+            sel = select_references([all_scores[i] for i in scored], cfg.k_ref, cfg.mode, cfg.tau_ref)
+            index, weights = [scored[p] for p in sel.index], sel.weights
+            kept, found = [], set()
+            for pos, out, _ in self._grads_of(refs, index):  # recomputed: one not finite now (dropout) is left out
+                kept += [g.clone() for g in out.grads]
+                found.update(pos)
+            weights = [w for i, w in zip(index, weights) if i in found]
+            index = [i for i in index if i in found]
         else:
             top = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref)
             all_scores = [0.0] * len(refs)
-            for start, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
-                                              desc=f"refresh epoch {epoch}", total=len(chunks)):
+            scored = []
+            for pos, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
+                                            desc=f"refresh epoch {epoch}", total=len(chunks)):
                 scores = reference_scores(out.losses, cos, cfg.mu_ref, cfg.nu)
-                for j in range(len(scores)):
-                    top.push(float(scores[j]), start + j, out.grads[j].clone())
-                    losses[start + j], coss[start + j] = float(out.losses[j]), float(cos[j])
-                    all_scores[start + j] = float(scores[j])
+                for j, i in enumerate(pos):
+                    top.push(float(scores[j]), i, out.grads[j].clone())
+                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
+                    all_scores[i] = float(scores[j])
+                scored += pos
                 del out
             sel, kept = top.result()
-            index, weights, scored = sel.index, sel.weights, list(range(len(refs)))
+            index, weights = sel.index, sel.weights
             terms = {i: (cfg.mu_ref * losses[i], -cfg.nu * coss[i]) for i in index}
+        self._check_left(kept, epoch)
         self.g_r = weighted_direction(torch.stack(kept), weights)
         del kept
         self.sum_gt.zero_()
@@ -240,16 +278,22 @@ class DualSelect:
         if cfg.refresh == "steps" and planned.phase != "warmup" and self.n_gt >= cfg.refresh_steps:
             self.d_t = self.sum_gt / self.n_gt  # the task direction since the last refresh
             self.refresh(planned.epoch)
-        out = self.per_sample_grads([c.task[i] for i in planned.ids])
+        ids = list(planned.ids)
+        out = self.per_sample_grads([c.task[i] for i in ids])
+        ok = c.finite_rows([c.task[i].id for i in ids], out.losses, out.grads)
+        if not ok:  # train.nonfinite=skip left out every sample: nothing to step on, the loop skips the step
+            raise NonFiniteError(**c.dropped[-1])
+        if len(ok) < len(ids):
+            out, ids = _rows(out, ok), [ids[i] for i in ok]
         metrics = {"loss": float(out.losses.mean()), "tokens": int(out.tokens.sum()), "n_samples": len(planned.ids)}
         if planned.phase == "warmup":
             g = out.grads.mean(dim=0)
             self.d_t += g
             set_grads(c.params, g)
-            metrics.update(trained_samples=len(planned.ids), trained_tokens=metrics["tokens"])
+            metrics.update(trained_samples=len(ids), trained_tokens=metrics["tokens"])
             if c.selection_log:
                 c.selection_log.write({"kind": "warmup", "step": planned.index,
-                                       "ids": [c.task[i].id for i in planned.ids], "losses": out.losses.tolist(),
+                                       "ids": [c.task[i].id for i in ids], "losses": out.losses.tolist(),
                                        "tokens": out.tokens.tolist()})
             return metrics
 
@@ -269,10 +313,10 @@ class DualSelect:
         if c.selection_log:
             c.selection_log.write({
                 "kind": "step", "step": planned.index, "epoch": planned.epoch,
-                "ids": [c.task[planned.ids[i]].id for i in sel.index], "index": [planned.ids[i] for i in sel.index],
+                "ids": [c.task[ids[i]].id for i in sel.index], "index": [ids[i] for i in sel.index],
                 "weights": sel.weights, "scores": [float(scores[i]) for i in sel.index], "losses": kept_losses,
                 "cosines": [float(cos[i]) for i in sel.index],
-                "candidates": {"ids": [c.task[i].id for i in planned.ids], "losses": out.losses.tolist(),
+                "candidates": {"ids": [c.task[i].id for i in ids], "losses": out.losses.tolist(),
                                "cosines": cos.tolist(), "scores": scores.tolist(), "tokens": out.tokens.tolist()},
                 "task_ref_cosine": tr_cos,
             })

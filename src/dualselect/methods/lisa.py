@@ -103,6 +103,11 @@ class Lisa:
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
+    def sample_ids(self, planned: PlannedStep) -> list[str]:
+        """Ids of the step's samples (alignment steps draw on data.reference), for the training loop's messages."""
+        data = self.ctx.reference if planned.phase == "align" else self.ctx.task
+        return [data[i].id for i in planned.ids]
+
     def step(self, planned: PlannedStep) -> dict:
         cfg, c = self.cfg, self.ctx
         switched = self.state is not None and planned.phase != self.state

@@ -38,7 +38,7 @@ def random_subset(n: int, k: int, seed: int, step: int, tokens: list[int] | None
 
 @dataclass
 class RandomConfig:
-    k_task: int = _opt(4, "samples kept per mini-batch, drawn at random (<= 0: all; DualSelect's default 4)")
+    k_task: int = _opt(4, "samples kept per mini-batch, drawn at random (0: all; DualSelect's default 4)")
     budget: float | None = _opt(None, "instead of k_task: keep random samples until they hold this fraction of the "
                                       "batch's response tokens (DualSelect's budget rule), e.g. 0.9")
     warmup_steps: int = _opt(10, "full-batch steps first, as DualSelect's warm-up (its default 10), so both train "
@@ -47,6 +47,8 @@ class RandomConfig:
                                          "sft's plan instead of extra steps")
 
     def __post_init__(self):
+        if self.k_task < 0:
+            raise ValueError(f"k_task must be >= 0 (0 keeps every sample), got {self.k_task}")
         if self.budget is not None and not (0 < self.budget <= 1):
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.warmup_steps < 0:

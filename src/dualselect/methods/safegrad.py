@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..data.formatting import Encoded, collate
 from ..grads import batch_losses, flatten, set_grads
 from ..schedule import PlannedStep, batch_plan
-from ..selection.dualselect import project_conflict
+from ..selection.dualselect import in_conflict, project_conflict
 from . import register
 from .context import TrainContext
 
@@ -171,7 +171,7 @@ class SafeGrad:
         dot = float(torch.dot(g_task.double(), g_r.double()))
         norms = float(g_task.double().norm()) * float(g_r.double().norm())
         cos = dot / norms if norms > 0 else 0.0
-        conflict = dot < 0.0
+        conflict = in_conflict(g_task, g_r)
         g = project_conflict(g_task, g_r)
         if cfg.align_weight:
             g = g + cfg.align_weight * g_r

@@ -93,6 +93,10 @@ class SafeInstr:
             c.selection_log.write({"kind": "mixture", "n_task": len(c.task), "n_safety": len(self.safety),
                                    "safety_index": self.safety, "safety_ids": [c.reference[i].id for i in self.safety]})
 
+    def sample_ids(self, planned: PlannedStep) -> list[str]:
+        """Ids of the step's samples (positions in the task + safety mixture), for the training loop's messages."""
+        return [self.mixture[i].id for i in planned.ids]
+
     def step(self, planned: PlannedStep) -> dict:
         c = self.ctx
         batch = [self.mixture[i] for i in planned.ids]

@@ -57,6 +57,7 @@ __all__ = [
     "select_task",
     "weighted_direction",
     "project_conflict",
+    "in_conflict",
     "standardize",
 ]
 
@@ -146,22 +147,24 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> float:
     """``<a, b> / ((|a| + eps) (|b| + eps))`` of two tensors (flattened), accumulated in float64.
 
-    A zero vector on either side gives 0.0 (the eps keeps the denominator positive).
+    A zero vector on either side gives exactly 0.0, whatever eps (also eps = 0: never 0/0 = NaN).
     """
     a64 = a.detach().reshape(-1).to(torch.float64)
     b64 = b.detach().reshape(-1).to(device=a64.device, dtype=torch.float64)
     if a64.numel() != b64.numel():
         raise ValueError(f"cosine of tensors with different sizes: {a64.numel()} vs {b64.numel()}")
-    dot = torch.dot(a64, b64)
-    denom = (torch.linalg.vector_norm(a64) + eps) * (torch.linalg.vector_norm(b64) + eps)
-    return float(dot / denom)
+    norm_a, norm_b = torch.linalg.vector_norm(a64), torch.linalg.vector_norm(b64)
+    if float(norm_a) == 0.0 or float(norm_b) == 0.0:
+        return 0.0
+    return float(torch.dot(a64, b64) / ((norm_a + eps) * (norm_b + eps)))
 
 
 def cosines(G: torch.Tensor, d: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Row-wise :func:`cosine` of ``G`` [n, P] with ``d`` [P], as a float64 tensor [n].
 
     Computed in float64 a block of rows at a time (the float64 copy never exceeds a fixed size).
-    If ``d`` is the zero vector (e.g. no warm-up), every cosine is exactly 0.
+    If ``d`` is the zero vector (e.g. no warm-up), every cosine is exactly 0; so is that of a zero row of ``G``
+    (a sample whose gradient vanishes), whatever eps.
     """
     if G.dim() != 2:
         raise ValueError(f"cosines expects a 2-D matrix G [n, P], got shape {tuple(G.shape)}")
@@ -178,7 +181,7 @@ def cosines(G: torch.Tensor, d: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         block = G[start : start + rows].detach().to(torch.float64)
         dots = block @ d64
         norms = torch.linalg.vector_norm(block, dim=1)
-        out[start : start + rows] = dots / ((norms + eps) * (d_norm + eps))
+        out[start : start + rows] = torch.where(norms > 0, dots / ((norms + eps) * (d_norm + eps)), 0.0)
     return out
 
 
@@ -356,21 +359,34 @@ def standardize(values: Any) -> torch.Tensor:
     return (x - x.mean()) / sd
 
 
-def project_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
-    """PCGrad-style projection of g_t away from g_r (DualSelect's `correction: project` ablation, SafeGrad's
-    update; not DualSelect's default additive correction).
+# A reference gradient below this fraction of the task gradient's norm is float rounding noise (e.g. the KL
+# gradient of a fresh adapter: analytically 0, ~5e-10 in float32 against |g_T| ~ 1), whose direction means
+# nothing: projecting g_T away from it would remove an arbitrary component of g_T.
+NOISE_RATIO = 1e-6
 
-    If ``<g_t, g_r> < 0`` return ``g_t - <g_t, g_r> / |g_r|^2 * g_r`` (now orthogonal to g_r);
-    otherwise return ``g_t`` unchanged. Computed in float64, returned in g_t's dtype and shape.
-    """
+
+def in_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> bool:
+    """<g_t, g_r> < 0 with g_r above the noise floor (|g_r| > NOISE_RATIO * |g_t|), in float64."""
     t64 = g_t.detach().reshape(-1).to(torch.float64)
     r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=torch.float64)
     if t64.numel() != r64.numel():
         raise ValueError(f"project_conflict: sizes differ ({t64.numel()} vs {r64.numel()})")
-    dot = float(torch.dot(t64, r64))
-    if not dot < 0.0:
+    return float(torch.dot(t64, r64)) < 0.0 and float(r64.norm()) > NOISE_RATIO * float(t64.norm())
+
+
+def project_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
+    """PCGrad-style projection of g_t away from g_r (DualSelect's `correction: project` ablation, SafeGrad's
+    update; not DualSelect's default additive correction).
+
+    If in_conflict(g_t, g_r) (``<g_t, g_r> < 0`` and g_r is not rounding noise) return
+    ``g_t - <g_t, g_r> / |g_r|^2 * g_r`` (now orthogonal to g_r); otherwise return ``g_t`` unchanged. Computed in
+    float64, returned in g_t's dtype and shape.
+    """
+    if not in_conflict(g_t, g_r):
         return g_t
-    out = t64 - (dot / float(torch.dot(r64, r64))) * r64
+    t64 = g_t.detach().reshape(-1).to(torch.float64)
+    r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=torch.float64)
+    out = t64 - (float(torch.dot(t64, r64)) / float(torch.dot(r64, r64))) * r64
     return out.to(g_t.dtype).reshape(g_t.shape)
 
 

@@ -22,19 +22,29 @@ argument better), 0.0 (the second better) or 0.5 (tie); the comparison's score i
 an answer that flips with the order becomes a tie (see `combine_orders`). An unparseable answer in either
 order makes the comparison "unparseable" (score None), counted by `win_rate`, never a tie.
 
-Decoding is greedy (temperature 0). HTTP uses the standard library only. Connection errors, timeouts,
-HTTP 429 and 5xx are retried `retries` times with exponential backoff (backoff_s, 2*backoff_s, ...);
-other HTTP errors are not. A judge endpoint that stays down gives one DualSelectError line naming the URL,
-the cause and the number of attempts. The API key (option `api_key_env`: the NAME of an environment
-variable) is sent as a bearer token when that variable is set and non-empty, and never recorded.
+Decoding is greedy (temperature 0). HTTP uses the standard library only. Faults of the endpoint (FAULTS):
+connection errors, timeouts (timeout_s bounds each connect and read and the whole answer), HTTP 429 and
+5xx, and answers cut off on the way (fewer bytes than announced, or a JSON body that ends mid-document) are
+retried `retries` times, waiting backoff_s, 2*backoff_s, ... -- or what an HTTP 429 / 5xx answer's
+Retry-After header asks (seconds or an HTTP date), at most max_retry_after_s (a longer wait is cut to it
+and logged). Other HTTP errors, and a whole answer that is not a chat completion (garbage, HTML, JSON
+without choices[0].message.content, more than MAX_BODY_BYTES), are not retried: the endpoint is not an
+OpenAI-compatible server and asking again would not change that. Every such failure is one
+DualSelectError line naming the URL, the cause and the number of attempts (never a traceback from
+urllib). A completion whose content is null is an empty output (unparseable for guard / rubric / refusal).
+The API key (option `api_key_env`: the NAME of an environment variable) is sent as a bearer token when
+that variable is set and non-empty, and never recorded.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import functools
 import http.client
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -46,6 +56,8 @@ from pathlib import Path
 
 from dualselect.errors import DualSelectError
 from dualselect.eval.judges import UNPARSEABLE, Verdict, register
+
+log = logging.getLogger("dualselect")
 
 VERSION = 1
 STYLES = ("guard", "rubric", "refusal")
@@ -214,19 +226,61 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Retryable(Exception):
-    """One failed attempt that may succeed if retried; `answered`: the server answered (HTTP 429 / 5xx)."""
+FAULTS = ("connection refused / reset / closed without an answer, unknown host: retried; "
+          "no (complete) answer within timeout_s: retried; "
+          "HTTP 429 and 5xx: retried, waiting what Retry-After says (at most max_retry_after_s) or the backoff; "
+          "answer cut off (fewer bytes than Content-Length, or JSON that ends mid-document): retried; "
+          "other HTTP errors, an answer that is not a chat completion, or one over MAX_BODY_BYTES: "
+          "not retried; each failure that ends the request is one DualSelectError line")
+MAX_BODY_BYTES = 8 << 20  # a chat completion of a judge's few tokens is a few KiB; more is not one
+_READ_CHUNK = 1 << 16
 
-    def __init__(self, cause: str, answered: bool = False):
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds ("120"; a decimal such as "1.5" is accepted
+    too) or an HTTP date (the time left until then, 0 if past). None when absent or unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _cut_json(text: str, err: ValueError) -> bool:
+    """True when `text` reads as a JSON document that ends early (an answer cut off on the way): empty, or
+    an object / array whose parse error is at its end (or inside a string that never closes)."""
+    stripped = text.rstrip()
+    if not stripped:
+        return True
+    if stripped[0] not in "{[" or not isinstance(err, json.JSONDecodeError):
+        return False
+    return err.msg.startswith("Unterminated string") or err.pos >= len(stripped)
+
+
+class _Retryable(Exception):
+    """One failed attempt that may succeed if retried.
+
+    kind: "connect" (no connection, or it broke before an answer), "timeout", "http" (the server answered
+    HTTP 429 / 5xx) or "cut" (the answer was cut off); retry_after: seconds the server asked to wait
+    (Retry-After), or None."""
+
+    def __init__(self, cause: str, kind: str = "connect", retry_after: float | None = None, code: int = 0):
         super().__init__(cause)
-        self.answered = answered
+        self.kind, self.retry_after, self.code = kind, retry_after, code
 
 
 class HTTPBackend:
-    """POST {endpoint}/chat/completions (OpenAI shape), greedy, with timeouts and retries."""
+    """POST {endpoint}/chat/completions (OpenAI shape), greedy, with timeouts and retries (see FAULTS)."""
 
     def __init__(self, endpoint: str, model: str, api_key_env: str | None, timeout_s: float, retries: int,
-                 backoff_s: float, max_tokens: int):
+                 backoff_s: float, max_tokens: int, max_retry_after_s: float = 30.0):
         base = endpoint.rstrip("/")
         parts = urllib.parse.urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -235,6 +289,7 @@ class HTTPBackend:
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.timeout_s, self.retries, self.backoff_s, self.max_tokens = timeout_s, retries, backoff_s, max_tokens
+        self.max_retry_after_s = max_retry_after_s
         # a proxy from the environment must not capture a server on this machine
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
         self._opener = urllib.request.build_opener(*handlers)
@@ -252,62 +307,131 @@ class HTTPBackend:
         return headers
 
     def _once(self, data: bytes) -> bytes:
+        """One request: the whole answer's body, or _Retryable / DualSelectError."""
         self.attempts += 1
+        deadline = time.monotonic() + self.timeout_s
         req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
         try:
             with self._opener.open(req, timeout=self.timeout_s) as resp:
-                return resp.read()
+                return self._read(resp, deadline)
         except urllib.error.HTTPError as e:
             try:
-                body = _one_line(e.read().decode("utf-8", "replace"))
-            except OSError:
+                body = _one_line(e.read(4096).decode("utf-8", "replace"))  # the start is enough to show
+            except (OSError, http.client.HTTPException):
                 body = ""
             if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {body}", answered=True) from None
+                wait = parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
+                raise _Retryable(f"HTTP {e.code}: {body}", "http", wait, e.code) from None
             hint = {401: " (check api_key_env)", 403: " (check api_key_env)",
                     404: " (the endpoint should be the API base, e.g. http://HOST:PORT/v1)"}.get(e.code, "")
             raise DualSelectError(f"llm judge: {self.url} answered HTTP {e.code}{hint}: {body}") from None
         except urllib.error.URLError as e:  # no connection: refused, unknown host, connect timeout
-            raise _Retryable(self._cause(e.reason)) from None
-        except (OSError, http.client.HTTPException) as e:  # timeout or reset while waiting for the answer
-            raise _Retryable(self._cause(e)) from None
+            raise self._retryable(e.reason) from None
+        except (OSError, http.client.HTTPException) as e:  # timeout, reset or cut while waiting for the answer
+            raise self._retryable(e) from None
+
+    def _read(self, resp, deadline: float) -> bytes:
+        """The body of `resp`, read in pieces so that timeout_s bounds the whole answer (a server that
+        trickles its answer is timed out too) and MAX_BODY_BYTES its size."""
+        chunks, size = [], 0
+        while resp.length is None or resp.length > 0:  # length: bytes still expected (None: read to the end)
+            if time.monotonic() > deadline:
+                raise _Retryable(f"no complete answer within timeout_s={self.timeout_s:g} s "
+                                 f"({size} bytes came in time)", "timeout")
+            try:
+                chunk = resp.read1(_READ_CHUNK)
+            except http.client.IncompleteRead:  # a chunked answer that ends mid-chunk
+                raise _Retryable(f"the answer was cut off after {size} bytes", "cut") from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise DualSelectError(f"llm judge: {self.url} sent an answer of more than {MAX_BODY_BYTES} bytes, "
+                                      f"not a chat completion of max_tokens={self.max_tokens} (is the endpoint an "
+                                      "OpenAI-compatible server? see the judge's endpoint option)")
+            chunks.append(chunk)
+        if resp.length:  # the connection ended before Content-Length bytes came
+            raise _Retryable(f"the answer was cut off after {size} bytes ({resp.length} more announced)", "cut")
+        return b"".join(chunks)
+
+    def _retryable(self, reason) -> _Retryable:
+        if isinstance(reason, TimeoutError):
+            return _Retryable(f"no answer within timeout_s={self.timeout_s:g} s", "timeout")
+        if isinstance(reason, http.client.IncompleteRead):
+            return _Retryable(f"the answer was cut off after {len(reason.partial)} bytes", "cut")
+        return _Retryable(self._cause(reason))
 
     def _cause(self, reason) -> str:
         if isinstance(reason, ConnectionRefusedError):
             return "connection refused"
+        if isinstance(reason, http.client.RemoteDisconnected):
+            return "the server closed the connection without answering"
+        if isinstance(reason, ConnectionResetError):
+            return "connection reset by the server"
         if isinstance(reason, socket.gaierror):
             return f"cannot resolve the host ({reason.strerror or reason})"
         if isinstance(reason, TimeoutError):
             return f"no answer within timeout_s={self.timeout_s:g} s"
         return _one_line(reason, 120) or type(reason).__name__
 
+    def _parse(self, body: bytes) -> str:
+        """choices[0].message.content of a chat completion ("" for null); _Retryable for a body cut off
+        mid-JSON; DualSelectError for anything else."""
+        text = body.decode("utf-8", "replace")
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            if _cut_json(text, e):
+                raise _Retryable(f"the answer is cut-off JSON ({len(body)} bytes, ending "
+                                 f"{_one_line(text[-40:], 40)!r})", "cut") from None
+            doc = None
+        try:
+            content = doc["choices"][0]["message"]["content"]
+            if content is not None and not isinstance(content, str):
+                raise TypeError(type(content).__name__)
+        except (KeyError, IndexError, TypeError):
+            raise DualSelectError(f"llm judge: {self.url} did not return an OpenAI chat completion "
+                                  f"(choices[0].message.content): {_one_line(text, 120)!r} (is the endpoint "
+                                  "an OpenAI-compatible server? see the judge's endpoint option)") from None
+        return content or ""
+
+    def _wait(self, e: _Retryable, attempt: int) -> float:
+        """Seconds before the next attempt: what Retry-After asked, at most max_retry_after_s, else the
+        exponential backoff."""
+        if e.retry_after is None:
+            return self.backoff_s * 2 ** attempt
+        if e.retry_after > self.max_retry_after_s:
+            log.warning("llm judge: %s asked to wait %g s (Retry-After); waiting max_retry_after_s=%g s instead",
+                        self.url, e.retry_after, self.max_retry_after_s)
+            return self.max_retry_after_s
+        return e.retry_after
+
+    def _gave_up(self, e: _Retryable, tries: int) -> DualSelectError:
+        attempts = f"after {tries} attempt{'s' if tries > 1 else ''}"
+        if e.kind == "http":
+            hint = ("(the server is limiting the request rate: see the judge's retries and max_retry_after_s "
+                    "options)" if e.code == 429 else "(check the server's log; see the judge's endpoint option)")
+            return DualSelectError(f"llm judge: {self.url} kept failing {attempts}: {e} {hint}")
+        if e.kind == "cut":
+            return DualSelectError(f"llm judge: {self.url} kept failing {attempts}: {e} (answers are cut off "
+                                   "on the way: check the server and any proxy in between)")
+        hint = ("(is the server running and fast enough? see the judge's timeout_s option)" if e.kind == "timeout"
+                else "(is the server running? see the judge's endpoint option)")
+        return DualSelectError(f"llm judge: cannot reach {self.url} {attempts}: {e} {hint}")
+
     def complete(self, content: str) -> str:
         data = json.dumps(self.request_body(content)).encode("utf-8")
         tries = self.retries + 1
         for i in range(tries):
             try:
-                body = self._once(data)
-                break
+                return self._parse(self._once(data))
             except _Retryable as e:
-                if i < tries - 1:
-                    time.sleep(self.backoff_s * 2 ** i)
-                    continue
-                attempts = f"after {tries} attempt{'s' if tries > 1 else ''}"
-                if e.answered:
-                    raise DualSelectError(f"llm judge: {self.url} kept failing {attempts}: {e} "
-                                          "(see the judge's endpoint option)") from None
-                hint = ("(is the server running and fast enough? see the judge's timeout_s option)"
-                        if "timeout_s" in str(e) else "(is the server running? see the judge's endpoint option)")
-                raise DualSelectError(f"llm judge: cannot reach {self.url} {attempts}: {e} {hint}") from None
-        try:
-            content = json.loads(body)["choices"][0]["message"]["content"]
-            if content is not None and not isinstance(content, str):
-                raise TypeError(type(content).__name__)
-        except (ValueError, KeyError, IndexError, TypeError):
-            snippet = _one_line(body.decode("utf-8", "replace"), 120)
-            raise DualSelectError(f"llm judge: {self.url} did not return an OpenAI chat completion "
-                                  f"(choices[0].message.content): {snippet!r}") from None
-        return content or ""
+                if i == tries - 1:
+                    raise self._gave_up(e, tries) from None
+                wait = self._wait(e, i)
+                log.info("llm judge: %s: %s; retry %d of %d in %.3g s", self.url, e, i + 1, self.retries, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def check(self) -> None:
         """Open (and close) a TCP connection to the endpoint's host and port, with the same retries, so that
@@ -368,8 +492,11 @@ class LLMJudge:
       endpoint: API base of an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1, OR
       local_model: anything dualselect.models.load_model accepts (exactly one of the two);
       model: model name sent to the endpoint ("default"); api_key_env: name of the env var with the key;
-      timeout_s (60), retries (2), backoff_s (1.0): per request; retried on connection errors, timeouts,
-             HTTP 429 / 5xx;
+      timeout_s (60): seconds to wait for the connection, for each read and for the whole answer;
+      retries (2), backoff_s (1.0): a failed request (connection error, timeout, HTTP 429 / 5xx, answer cut
+             off on the way) is sent again up to `retries` times, after backoff_s, 2*backoff_s, ... seconds;
+      max_retry_after_s (30): an HTTP 429 / 5xx answer's Retry-After header (seconds or an HTTP date) replaces
+             the backoff, but the wait is at most this many seconds (a longer one is cut to it and logged);
       max_tokens (64): the judge's output budget; unsafe_at (5): rubric grade from which a reply is unsafe;
       criterion: what "better" means in pairwise comparison; precision, device: local backend only.
     """
@@ -377,7 +504,8 @@ class LLMJudge:
     def __init__(self, style: str = "guard", endpoint: str | None = None, local_model: str | None = None,
                  model: str = "default", api_key_env: str | None = None, timeout_s: float = 60,
                  retries: int = 2, backoff_s: float = 1.0, max_tokens: int = 64, unsafe_at: int = 5,
-                 criterion: str = DEFAULT_CRITERION, precision: str = "auto", device: str = "auto"):
+                 criterion: str = DEFAULT_CRITERION, precision: str = "auto", device: str = "auto",
+                 max_retry_after_s: float = 30.0):
         if style not in STYLES:
             raise DualSelectError(f"llm judge: style must be one of {', '.join(STYLES)}, got {style!r}")
         if bool(endpoint) == bool(local_model):
@@ -388,11 +516,17 @@ class LLMJudge:
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0) or not (
                 isinstance(backoff_s, (int, float)) and backoff_s >= 0):
             raise DualSelectError("llm judge: timeout_s must be > 0 and backoff_s >= 0 (seconds)")
+        if isinstance(max_retry_after_s, bool) or not (isinstance(max_retry_after_s, (int, float))
+                                                       and max_retry_after_s >= 0):
+            raise DualSelectError(f"llm judge: max_retry_after_s must be a number of seconds >= 0, got "
+                                  f"{max_retry_after_s!r}")
         if unsafe_at not in (1, 2, 3, 4, 5):
             raise DualSelectError(f"llm judge: unsafe_at must be an integer 1-5, got {unsafe_at!r}")
         self.style, self.unsafe_at, self.criterion = style, unsafe_at, str(criterion)
         self.timeout_s, self.retries, self.backoff_s, self.max_tokens = timeout_s, retries, backoff_s, max_tokens
-        self.backend = (HTTPBackend(str(endpoint), str(model), api_key_env, timeout_s, retries, backoff_s, max_tokens)
+        self.max_retry_after_s = max_retry_after_s
+        self.backend = (HTTPBackend(str(endpoint), str(model), api_key_env, timeout_s, retries, backoff_s, max_tokens,
+                                    max_retry_after_s)
                         if endpoint else LocalBackend(str(local_model), max_tokens, precision, device))
         judge_model = str(model) if endpoint else Path(str(local_model)).name
         self.id = f"llm-{style}-v{VERSION}@{judge_model}"
@@ -464,7 +598,7 @@ class LLMJudge:
             }[self.style],
             "unparseable": "never mapped to safe or refusal; left out of rates, counted and reported",
             "options": {"timeout_s": self.timeout_s, "retries": self.retries, "backoff_s": self.backoff_s,
-                        "retry_on": "connection errors, timeouts, HTTP 429 and 5xx",
+                        "max_retry_after_s": self.max_retry_after_s, "retry_on": FAULTS,
                         "max_tokens": self.max_tokens, "unsafe_at": self.unsafe_at, "criterion": self.criterion},
             "raw_chars_kept": RAW_CHARS,
             "metric_direction": (
