@@ -186,7 +186,7 @@ class TrainConfig:
     seed: int = _opt(0, "random seed (data order, LoRA init, dropout)")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps")
     checkpoint_every: int = _opt(0, "save a checkpoint every N steps (0 = only the final state)")
-    log_every: int = _opt(1, "log metrics every N steps")
+    log_every: int = _opt(1, "show the loss on the progress bar every N steps (metrics.jsonl holds every step)")
     output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
     grad_engine: str = _opt("loop", "how per-sample gradients are computed: loop (one forward/backward per sample) or "
                                      "factored (one padded backward per chunk of 8, LoRA gradients from hooked factors; "

@@ -80,6 +80,14 @@ def _decode_batches(model, tokenizer, texts: list[str], *, template: str, max_ne
         model.train(was_training)
 
 
+def _before_stop(rows: torch.Tensor, stops) -> list[list[int]]:
+    """Each generated row's ids before its first stop token: the stop token and the padding after it are not
+    decoded (a turn-end token the tokenizer does not mark special, e.g. <end_of_turn> in some tokenizers, would
+    otherwise stay in the text)."""
+    stops = set(stops)
+    return [next((row[:i] for i, t in enumerate(row) if t in stops), row) for row in rows.tolist()]
+
+
 def _cut_flags(new: torch.Tensor, stops: list[int], max_new_tokens: int) -> list[bool]:
     """A row is cut off when it used the whole budget and never produced a stop token."""
     ended = torch.isin(new, torch.tensor(stops, device=new.device)).any(dim=1)
@@ -98,8 +106,10 @@ def generate_batches(model, tokenizer, prompts: list[str | list[dict]], *, templ
     for start, _, new in _decode_batches(model, tokenizer, texts, template=template, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size, device=device, autocast=autocast,
                                          progress=progress, desc="generate", do_sample=False):
-        cut = _cut_flags(new, stop_token_ids(model, tokenizer), max_new_tokens)
-        outs = [cut_at_stop(t.strip(), stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        stops = stop_token_ids(model, tokenizer)
+        cut = _cut_flags(new, stops, max_new_tokens)
+        outs = [cut_at_stop(t.strip(), stop)
+                for t in tokenizer.batch_decode(_before_stop(new, stops), skip_special_tokens=True)]
         yield start, [t for t, _ in outs], [c and not stopped for c, (_, stopped) in zip(cut, outs)]
 
 
@@ -132,7 +142,7 @@ def sample_responses(model, tokenizer, prompts: list[str | list[dict]], *, k: in
                                        progress=lambda it, **kw: it, desc="sample", do_sample=True,
                                        temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k):
         cut = _cut_flags(new, sorted(stops), max_new_tokens)
-        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        decoded = tokenizer.batch_decode(_before_stop(new, stops), skip_special_tokens=True)
         for p in range(enc["input_ids"].shape[0]):
             prompt_ids = enc["input_ids"][p][enc["attention_mask"][p].bool()].tolist()
             group = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -259,12 +260,22 @@ def load_model(name_or_path: str, precision: str = "auto", device: str = "auto",
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), init_adapter: str | None = None):
-    """Wrap the model with a trainable LoRA adapter (PEFT), or load `init_adapter` as trainable."""
+    """Wrap the model with a trainable LoRA adapter (PEFT), or load `init_adapter` as trainable (its saved r,
+    alpha, dropout and targets must equal the ones given: refused otherwise)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init_adapter:
-        if not (Path(init_adapter) / "adapter_config.json").exists():
+        config_file = Path(init_adapter) / "adapter_config.json"
+        if not config_file.exists():
             raise DualSelectError(f"{init_adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        saved = json.loads(config_file.read_text())
+        asked = {"lora_r": (r, saved.get("r")), "lora_alpha": (alpha, saved.get("lora_alpha")),
+                 "lora_dropout": (dropout, saved.get("lora_dropout")),
+                 "lora_targets": (sorted(target_modules), sorted(saved.get("target_modules") or []))}
+        differ = [f"model.{k}={want} (the adapter has {have})" for k, (want, have) in asked.items() if want != have]
+        if differ:  # an adapter's shape is fixed: the lora_* keys must describe it, never be silently dropped
+            raise DualSelectError(f"model.init_adapter {init_adapter} does not match {'; '.join(differ)}: set these "
+                                  "keys to the adapter's values (or train a fresh adapter without init_adapter)")
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      task_type="CAUSAL_LM", bias="none")

@@ -48,7 +48,7 @@ def git_commit() -> str | None:
 
 
 def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reason: str, n_trainable: int, data: dict,
-                   plan_steps: int):
+                   plan_steps: int, adapter: dict | None = None):
     """run_info.json: everything needed to tell two runs apart besides config.yaml."""
     kept = getattr(cfg.method_args, "k_task", 0)  # DualSelect keeps k_task of each batch (<= 0: all)
     info = {
@@ -63,10 +63,20 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reas
         "samples_kept_per_step": min(kept, cfg.train.batch_size) if kept > 0 else cfg.train.batch_size,
         "planned_steps": plan_steps,
         "n_trainable_params": n_trainable,
+        "adapter": adapter,  # the trained adapter's actual settings (read from the model)
         "data": data,
     }
     write_atomic(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))
     return info
+
+
+def adapter_settings(model, init_adapter: str | None) -> dict | None:
+    """r, alpha, dropout and target modules of the model's active LoRA adapter, as PEFT holds them."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "target_modules": sorted(config.target_modules or []), "init_adapter": init_adapter}
 
 
 def _threads() -> int:

@@ -22,10 +22,10 @@ from .data.mixing import load_task_examples
 from .data.records import load_examples
 from .errors import DualSelectError
 from .grads import get_engine, trainable_params
-from .logs import JsonlLog, read_jsonl
+from .logs import JsonlLog, read_jsonl, write_atomic
 from .methods import METHODS
 from .methods.context import NonFiniteError, TrainContext, nonfinite_rows, show_ids
-from .runinfo import peak_rss_mb, record_budget, write_run_info
+from .runinfo import adapter_settings, peak_rss_mb, record_budget, write_run_info
 
 log = logging.getLogger("dualselect")
 
@@ -80,16 +80,23 @@ def load_encoded(source: str, cfg: RunConfig, tokenizer, limit: int | None, what
 
 
 def _atomic_dir(final: Path, write) -> Path:
-    """Write a directory under a temporary name, then rename it into place."""
+    """Write a directory under a temporary name, then rename it into place. An existing `final` is renamed aside
+    first and deleted last, so that a kill at any moment leaves `final` complete (old or new) or absent, never
+    half-deleted; the hidden leftovers of a killed call (.NAME-*) are removed by the next call for NAME."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); an adapter or checkpoint is as readable as a mkdir'd one
+    aside = final.parent / f".{final.name}-replaced"
     try:
         write(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, aside)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -103,9 +110,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, method, logs: di
             "log_offsets": {name: lg.offset() for name, lg in logs.items()},
         }, tmp / "state.pt")
 
-    _atomic_dir(run_dir / "checkpoints" / f"step-{step:06d}", write)
-    for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    ckpts = run_dir / "checkpoints"
+    _atomic_dir(ckpts / f"step-{step:06d}", write)
+    # the checkpoints before the last `keep`, and what killed writes of other steps left (hidden .step-* dirs)
+    for old in sorted(ckpts.glob("step-*"))[:-keep] + list(ckpts.glob(".step-*")):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -230,10 +239,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     else:
         for lg in logs.values():
             lg.truncate(0)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # rewritten on resume: a kill must not leave it cut
     write_run_info(run_dir, cfg, device=ctx.device, precision=setup.precision,
                    precision_reason=models.choose_precision(cfg.model.precision, ctx.device).reason,
-                   n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan))
+                   n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan),
+                   adapter=adapter_settings(model, cfg.model.init_adapter))
     log.info("run dir %s: method %s, %d steps, %d trainable parameters, %s on %s", run_dir, cfg.train.method,
              len(plan), sum(p.numel() for p in params), setup.precision, ctx.device)
 

@@ -117,3 +117,25 @@ def test_bad_inputs_give_clear_errors(tiny_model_dir, toy_data, tmp_path):
         train(_cfg(tiny_model_dir, task, refs, tmp_path / "c", "train.max_steps=1"))
     with pytest.raises(DualSelectError, match="cannot resume.*train.lr"):
         train(_cfg(tiny_model_dir, task, refs, tmp_path / "c", "train.lr=0.5"), resume=True)
+
+
+def test_init_adapter_with_other_lora_keys_is_refused_and_run_info_records_the_adapter(tiny_model_dir, toy_data,
+                                                                                      tmp_path):
+    """model.lora_* keys that do not describe model.init_adapter are refused (they cannot apply to a saved
+    adapter, and must not be dropped without a word); run_info.json records the adapter actually trained."""
+    task, refs = toy_data
+    first = train(_cfg(tiny_model_dir, task, refs, tmp_path / "a", "train.max_steps=1"))
+    info = json.loads((first.run_dir / "run_info.json").read_text())["adapter"]
+    assert info == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+                    "init_adapter": None}
+    adapter = first.run_dir / "adapter"
+    with pytest.raises(DualSelectError, match=r"does not match model.lora_r=16 \(the adapter has 4\)"):
+        train(_cfg(tiny_model_dir, task, refs, tmp_path / "b", "train.max_steps=1", f"model.init_adapter={adapter}",
+                   "model.lora_r=16"))
+    with pytest.raises(DualSelectError, match=r"model.lora_targets=\['k_proj', 'q_proj', 'v_proj'\]"):
+        train(_cfg(tiny_model_dir, task, refs, tmp_path / "c", "train.max_steps=1", f"model.init_adapter={adapter}",
+                   "model.lora_targets=[q_proj,k_proj,v_proj]"))
+    again = train(_cfg(tiny_model_dir, task, refs, tmp_path / "d", "train.max_steps=1",
+                       f"model.init_adapter={adapter}"))
+    info = json.loads((again.run_dir / "run_info.json").read_text())["adapter"]
+    assert info["r"] == 4 and info["init_adapter"] == str(adapter)

@@ -4,7 +4,9 @@ Two templates:
 
 - ``chat``: the tokenizer's own chat template. Loss on every assistant turn as the template renders
   it (content + end-of-turn marker, e.g. ``hello<|im_end|>``; whitespace the template puts after
-  the marker is not supervised). System and user turns and the generation prompts are masked.
+  the marker is not supervised). System and user turns and the generation prompts are masked. The text is
+  tokenized in two pieces, split where the final response starts, so its first ids are exactly those of
+  ``generation_prompt`` tokenized alone (what the model is prompted with).
 - ``plain`` (the paper's format): ``"Human: {prompt}\\nAssistant: " + response + " " + eos``,
   tokenized whole with the tokenizer's default special tokens. A system message is put first as
   ``content + "\\n\\n"``; earlier turns as ``"Human: {u}\\nAssistant: {a}\\n"``. Only the final
@@ -109,7 +111,13 @@ def _encode_chat(example: Example, tokenizer) -> tuple[list[int], list[int]]:
                 f"up to assistant turn {i + 1} is not a prefix of the whole), so its assistant tokens cannot be "
                 "located; use template='plain' or a tokenizer whose template renders earlier turns unchanged")
         spans.append((len(before), max(len(before), len(upto.rstrip()))))
-    ids, offsets = _with_offsets(tokenizer, full, add_special_tokens=False)
+    # tokenized in two pieces, split where the final response starts: the prompt's ids are then exactly those the
+    # model is given at generation (tokenized whole, a trailing "\n\n" or " " can merge with the response's first
+    # characters, e.g. with a byte-level BPE, and the model would train on a prompt it never sees)
+    cut = spans[-1][0] if spans else len(full)
+    ids, offsets = _with_offsets(tokenizer, full[:cut], add_special_tokens=False)
+    rest_ids, rest_offsets = _with_offsets(tokenizer, full[cut:], add_special_tokens=False)
+    ids, offsets = ids + rest_ids, offsets + [(s + cut, e + cut) for s, e in rest_offsets]
     labels = [tid if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
               for tid, (s, e) in zip(ids, offsets)]
     return ids, labels
