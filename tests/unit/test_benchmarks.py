@@ -82,3 +82,13 @@ def test_methods_speed_times_every_method_against_sft(tmp_path):
     # what each step trained on: sft the whole batch; random keeps 4 of 4 in its 2 warm-up steps
     assert results["sft"]["trained_samples_per_step"] == 4
     assert results["random"]["trained_samples_per_step"] == 4
+
+
+def test_engines_speed_on_demo_rows(tmp_path):
+    report = _run("engines_speed", ["--n-task", "24", "--batch", "4", "--batches", "2"], tmp_path)
+    assert set(report["results"]) == {"loop", "factored", "factored_one_pad"}
+    assert report["results"]["loop"]["ratio_to_loop"] == 1.0
+    lo, hi = report["config"]["lengths"]
+    assert hi > lo  # mixed lengths, the case the length groups are for
+    for r in report["results"].values():
+        assert r["mean_s"] > 0 and r["max_abs_diff_to_loop"] < 1e-4  # the same gradients
