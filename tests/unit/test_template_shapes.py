@@ -29,6 +29,8 @@ from dualselect.data import Example, encode, encode_all, generation_prompt
 from dualselect.generation import _cut_flags, generate, sample_responses, stop_token_ids
 from dualselect.models import tiny_llama
 
+from test_formatting import runs as id_runs  # contiguous supervised runs of token ids
+
 IGN = -100
 
 LLAMA2 = """{{- bos_token -}}
@@ -148,15 +150,7 @@ def ids_of(tok, text):
 def runs(tok, enc):
     """The supervised positions as decoded texts of contiguous runs (labels always equal the input there)."""
     assert len(enc.labels) == len(enc.input_ids)
-    out, cur = [], []
-    for tid, lab in zip(enc.input_ids, enc.labels):
-        if lab != IGN:
-            assert lab == tid
-            cur.append(tid)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return [tok.decode(r) for r in out + ([cur] if cur else [])]
+    return [tok.decode(r) for r in id_runs(enc)]
 
 
 def test_shape_tokenizer_is_built_as_the_family_does(shaped, smol_tokenizer):
