@@ -39,6 +39,7 @@ def variant(align_data: list[str], epochs: int = 1, lr: str = "5.0e-4") -> tuple
 
 
 STL, FLAGGED = "safety_tuned_llamas[:400]", "safety_tuned_llamas:flagged[:393]"
+FLAGGED200 = "safety_tuned_llamas:flagged[:200]"
 VARIANTS = {
     "stl400-alpaca600": variant([STL, "alpaca_demo[:600]"]),
     "stl300-alpaca900": variant(["safety_tuned_llamas[:300]", "alpaca_demo[:900]"]),
@@ -49,7 +50,15 @@ VARIANTS = {
     "flagged393-alpaca600": variant([FLAGGED, "alpaca_demo[:600]"]),
     "flagged393-alpaca1000": variant([FLAGGED, "alpaca_demo[:1000]"]),
     "flagged393-alpaca600-2ep": variant([FLAGGED, "alpaca_demo[:600]"], epochs=2),
+    # fewer refusal rows: the harmful side had room (96 %), the benign side did not
+    "flagged200-alpaca600": variant([FLAGGED200, "alpaca_demo[:600]"]),
+    "flagged200-alpaca1000": variant([FLAGGED200, "alpaca_demo[:1000]"]),
 }
+
+# Validation prompts: rows that no recipe's test set holds (the recipes test on advbench[:100], HarmBench val,
+# XSTest safe and harmless_test), so the choice of a variant does not read the test sets.
+VALIDATION = ["harmful:advbench[100:200]",
+              "overrefusal:refusal_direction:harmless_val[:200]"]
 
 
 def main() -> None:
@@ -58,6 +67,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/align-calibration")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--test-sets", action="store_true",
+                   help="evaluate on the recipe's test benchmarks (the final record of a chosen variant) instead of "
+                        "the validation prompts (the default, for choosing)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -73,9 +85,11 @@ def main() -> None:
         t0 = time.time()
         model, seen = bench.align_stage(cfg, base, label, registry)
         t1 = time.time()
-        eval_dir = out / name / "eval"
+        eval_dir = out / name / ("eval" if args.test_sets else "eval-validation")
         if not (eval_dir / "results.json").exists():
-            raw = {k: v for k, v in base.items() if k not in registry}
+            raw = copy.deepcopy({k: v for k, v in base.items() if k not in registry})
+            if not args.test_sets:
+                raw.setdefault("eval", {})["benchmarks"] = list(VALIDATION)
             run = load_config(None, [f"model.name_or_path={model}", f"eval.output_dir={eval_dir}",
                                            f"eval.quiet={str(args.quiet).lower()}"], registry, raw=raw, label=label)
             run.eval.train_files = list(dict.fromkeys([*run.eval.train_files, *seen]))

@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import json
 import logging
+import platform
 import re
 import shutil
 import time
@@ -49,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from . import models
+from . import bench_archive, models
 from .config import dump_yaml, from_dict, load_config, parse_override, read_config_file, to_dict
 from .errors import DualSelectError
 from .logs import write_atomic
@@ -81,6 +82,10 @@ class BenchConfig:
                 "[safety_tuned_llamas[:300], alpaca_demo[:700]]"})
     tune: TuneConfig | None = field(default=None, metadata={
         "help": "validation-based tuning of some methods' settings before the grid (see dualselect.tune)"})
+    archive: str | None = field(default=None, metadata={
+        "help": "a directory (to commit) that keeps a compact copy of every finished cell - configs, logs, eval "
+                "verdicts by id, no prompt or response text - so that the grid continues on another machine "
+                "(see dualselect.bench_archive)"})
     resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
     permutations: int = field(default=10000, metadata={"help": "permutations of the report's paired tests"})
 
@@ -263,8 +268,9 @@ def _write_cell_config(cell: Cell, cfg) -> None:
     write_atomic(cell.path / CELL_CONFIG, dump_yaml(cfg))
 
 
-def run_cell(cell: Cell, cfg) -> dict:
-    """Train (resuming a started run) then evaluate (resuming its answers); done.json marks the cell done."""
+def run_cell(cell: Cell, cfg, bench: BenchConfig | None = None) -> dict:
+    """Train (resuming a started run) then evaluate (resuming its answers); done.json marks the cell done (and,
+    with bench.archive, its compact copy is archived)."""
     from .eval.run import evaluate
     from .train import train
 
@@ -282,6 +288,8 @@ def run_cell(cell: Cell, cfg) -> dict:
     done = {"cell": cell.name, "labels": cell.labels, "method": cell.method, "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.time() - t1, 1), "resumed_training": trained}
     write_atomic(cell.path / DONE, json.dumps(done, indent=2) + "\n")
+    if bench is not None and bench.archive:
+        bench_archive.save_unit(cell.path, Path(bench.output_dir), Path(bench.archive))
     return done
 
 
@@ -362,6 +370,8 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
         cfg = copy.deepcopy(cfg)
         cfg.eval.adapter, cfg.eval.output_dir = None, str(out)
         evaluate(cfg)
+        if bench.archive:
+            bench_archive.save_unit(out, Path(bench.output_dir), Path(bench.archive))
     return out
 
 
@@ -411,7 +421,15 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     order = {c.name: i for i, c in enumerate(cells)}  # a {baseline} cell needs its baseline trained before its eval
     cells = select_cells(cells, only or {})
     out = Path(bench.output_dir)
+    if bench.archive:
+        bench_archive.restore(Path(bench.archive), out)
     aligned, align_data = align_stage(bench, base, label, registry)
+    notes = []
+    if bench.archive and aligned is not None:
+        if warning := bench_archive.check_aligned(Path(bench.archive), aligned, platform.processor() or
+                                                  platform.machine()):
+            log.warning("%s", warning)
+            notes.append(warning)
     tuned = _tune(bench, cells, base, label, base_overrides, registry, aligned, align_data)
     for c in cells:
         c.overrides = [*c.overrides, *tuned.get("overrides", {}).get(c.labels.get(METHOD_AXIS), [])]
@@ -447,11 +465,11 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
                      eta / 60, sum(durations) / len(durations))
         else:
             log.info("cell %s (%d left)", cell.name, len(todo) - i)
-        done = run_cell(cell, configs[cell.name])
+        done = run_cell(cell, configs[cell.name], bench)
         durations.append(done["train_seconds"] + done["eval_seconds"])
         bar.update(1)
     bar.close()
-    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"))
+    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes)
 
 
 def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_overrides: list[str],
@@ -471,7 +489,7 @@ def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_ov
     def configure(c: Cell):
         return cell_config(c, base, label, base_overrides, registry, aligned, align_data)
 
-    return tune_stage(bench, cells, configure, run_cell, test, label)
+    return tune_stage(bench, cells, configure, lambda c, cfg: run_cell(c, cfg, bench), test, label)
 
 
 def _axis_labels(bench: BenchConfig, axis: str) -> list[str]:
@@ -493,7 +511,7 @@ def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:
 
 
 def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report,
-                       tuning: dict | None = None) -> dict:
+                       tuning: dict | None = None, notes: list[str] = ()) -> dict:
     """One `dualselect report` per table (OUTPUT_DIR/report/<table>/), and OUTPUT_DIR/report.md and report.html
     holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio)."""
     from .eval import figures
@@ -513,6 +531,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         written[key] = report.write_report(rep, out / "report" / _slug(key))
     minutes = sum(_seconds(c.path / DONE) for c in cells) / 60
     head = f"{len(cells)} cells; train + eval time of the cells {minutes:.1f} min."
+    head += "".join(f"\n\nNote: {n}." for n in notes)
     if tuning and tuning.get("methods"):
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
         head += (f"\n\n## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, "

@@ -326,3 +326,46 @@ def test_placeholders_only_and_baseline_order(tiny_link):
 def test_cli_only_is_checked(tiny_link, capsys):
     assert main(["bench", str(bench_yaml(tiny_link)), "--only", "nonsense"]) == 2
     assert "expected AXIS=LABEL" in capsys.readouterr().err
+
+
+def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tmp_path, monkeypatch):
+    """bench.archive: a grid continued on another machine (its output dir gone) restores its finished cells,
+    the tuning cells and the aligned model's evaluation, recomputes none, and reports the same numbers; the
+    archive holds no prompt or response text; a different aligned model is said in the report."""
+    import shutil
+
+    monkeypatch.setenv("DUALSELECT_CACHE", str(tmp_path / "cache"))
+    grid = "\n    method:\n      sft: [train.method=sft]\n      random: [train.method=random]\n    train.seed: [0, 1]"
+    write_jsonl(tiny_link / "evval.jsonl", [{"id": f"v{i}", "prompt": f"What is {i} plus {i + 2}?",
+                                             "answer": str(2 * i + 2)} for i in range(4)])
+    path = bench_yaml(tiny_link, grid=grid, extra="random: {warmup_steps: 0}")
+    text = path.read_text().replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}", "")
+    text = text.replace("  resamples: 200", f"  align: [data.task={tiny_link}/refs.jsonl]\n  archive: {tiny_link / 'arch'}\n"
+                        "  tune: {budget: 2, benchmarks: ['task:" + f"{tiny_link}/evval.jsonl'], "
+                        "objective: {accuracy: 1.0}, space: {random: {random.k_task: [1, 2]}}}\n  resamples: 200")
+    path.write_text(text)
+    first = bench.run_bench(path, quiet=True)
+    out, arch = tiny_link / "out", tiny_link / "arch"
+    assert len(list(arch.glob("cells/*/done.json"))) == 4 and len(list(arch.glob("tune/random/*/done.json"))) == 2
+    assert (arch / "aligned-eval" / "all" / "results.json").exists() and (arch / "aligned.json").exists()
+    assert not list(arch.rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
+    blob = b"".join(bench.bench_archive.gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+                    for p in arch.rglob("*") if p.is_file()).decode()
+    assert "How to steal car" not in blob and "What is 3 plus 4" not in blob and '"response"' not in blob
+    assert '"refused"' in blob and '"correct"' in blob
+
+    shutil.rmtree(out)  # another machine: only the archive (committed) is left
+
+    def boom(*a, **k):
+        raise AssertionError("a finished unit was recomputed")
+
+    monkeypatch.setattr("dualselect.train.train", boom)
+    monkeypatch.setattr("dualselect.eval.run.evaluate", boom)
+    again = bench.run_bench(path, quiet=True)
+    assert again["tables"]["all"]["report"]["results"] == first["tables"]["all"]["report"]["results"]
+    assert "Note:" not in again["markdown"]
+
+    record = json.loads((arch / "aligned.json").read_text())
+    record["models"][0]["sha256"] = "0" * 64  # as if the archived cells came from another machine's alignment
+    (arch / "aligned.json").write_text(json.dumps(record))
+    assert "differ from the archived cells' (000000000000)" in bench.run_bench(path, quiet=True)["markdown"]

@@ -1,0 +1,134 @@
+"""A bench grid that spans machines: a compact copy of its finished work (`bench.archive`), meant to be committed.
+
+A grid of dozens of cells runs for many hours, longer than a machine may be held; only committed files
+survive. After each finished unit (a cell or a tuning cell with done.json, an aligned-model evaluation with
+results.json) the bench copies what its report needs into the archive directory, under the same relative
+path as in bench.output_dir; a later run restores every archived unit that its output_dir lacks, so the
+finished units are skipped, not recomputed.
+
+What is kept: cell.yaml, done.json, the train run's config.yaml, run_info.json, metrics.jsonl and
+selection.jsonl (ids, scores; gzipped), the eval's settings.json, results.json and samples.jsonl (gzipped)
+*without the text* of prompts, responses and gold answers (ids, verdicts and judge details only): no data
+from the data directory is copied into the archive. Not kept: adapters and checkpoints (a restored cell
+cannot be evaluated again; its verdicts are final), the aligned model (recomputed from its recipe;
+ALIGNED_FILE records the sha256 of its weights, so a run on a machine whose float rounding gave a
+different aligned model says so).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from .errors import DualSelectError
+from .logs import write_atomic
+
+log = logging.getLogger("dualselect")
+
+DONE = "done.json"
+ALIGNED_FILE = "aligned.json"
+# relative path in a unit -> gzipped in the archive
+KEPT = {"cell.yaml": False, DONE: False, "train/config.yaml": False, "train/run_info.json": False,
+        "train/metrics.jsonl": True, "train/selection.jsonl": True, "eval/settings.json": False,
+        "eval/results.json": False, "eval/samples.jsonl": True,
+        # an aligned-model evaluation is an eval dir of its own
+        "settings.json": False, "results.json": False, "samples.jsonl": True}
+TEXT_KEYS = ("prompt", "response", "gold", "baseline_response", "reference_answer")  # dropped from eval samples
+
+
+def _strip(line: str) -> str:
+    rec = json.loads(line)
+    for k in TEXT_KEYS:
+        rec.pop(k, None)
+    return json.dumps(rec, ensure_ascii=False)
+
+
+def save_unit(unit: Path, out_dir: Path, archive: Path) -> Path:
+    """Copy the kept files of a finished unit (a dir under out_dir) to the same relative path under archive;
+    the unit's done marker is written last, so an interrupted save is redone by the next one."""
+    rel = Path(unit).resolve().relative_to(Path(out_dir).resolve())
+    dest = Path(archive) / rel
+    marker = DONE if (unit / DONE).exists() else "results.json"
+    for name, gz in sorted(KEPT.items(), key=lambda kv: kv[0] == marker):
+        src = unit / name
+        if not src.is_file():
+            continue
+        data = src.read_text(encoding="utf-8")
+        if name.endswith("samples.jsonl"):
+            data = "".join(_strip(line) + "\n" for line in data.splitlines() if line.strip())
+        write_atomic(dest / (name + ".gz" if gz else name),
+                     gzip.compress(data.encode("utf-8"), mtime=0) if gz else data)
+    return dest
+
+
+def _units(archive: Path) -> list[Path]:
+    """The archived units: dirs holding a done.json, or an eval's results.json outside a cell."""
+    units = {p.parent for p in archive.rglob(DONE)}
+    units |= {p.parent for p in archive.rglob("results.json")
+              if not any(u in p.parents for u in units) and p.parent.name != "eval"}
+    return sorted(units)
+
+
+def restore(archive: Path, out_dir: Path) -> list[Path]:
+    """Copy every archived unit that out_dir lacks (no done.json / results.json there) into out_dir, the gzipped
+    files unpacked; a unit out_dir started but did not finish is replaced. Returns the restored unit dirs."""
+    archive, out_dir = Path(archive), Path(out_dir)
+    if not archive.is_dir():
+        return []
+    restored = []
+    for src in _units(archive):
+        rel = src.relative_to(archive)
+        dest = out_dir / rel
+        marker = DONE if (src / DONE).exists() else "results.json"
+        if (dest / marker).exists():
+            continue
+        if dest.exists():
+            shutil.rmtree(dest)
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            name = f.relative_to(src).as_posix()
+            if f.name == marker:
+                continue
+            gz = name.endswith(".gz")
+            data = gzip.decompress(f.read_bytes()) if gz else f.read_bytes()
+            write_atomic(dest / (name[:-3] if gz else name), data)
+        write_atomic(dest / marker, (src / marker).read_bytes())
+        restored.append(dest)
+    if restored:
+        log.info("restored %d finished units from the archive %s", len(restored), archive)
+    return restored
+
+
+def model_sha256(model_dir: Path) -> str:
+    """sha256 over a model dir's weight files (safetensors/bin, sorted by name)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise DualSelectError(f"{model_dir}: no weight files (.safetensors or .bin)")
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_aligned(archive: Path, aligned: Path, machine: str) -> str | None:
+    """Record the aligned model's weights hash in the archive (first time), or compare with the recorded one.
+    Returns a warning line when they differ (cells of this run start from another aligned model than the
+    archived ones: same recipe, other float rounding, e.g. another CPU kind), else None."""
+    sha = model_sha256(aligned)
+    path = Path(archive) / ALIGNED_FILE
+    record = json.loads(path.read_text()) if path.exists() else {"models": []}
+    known = {m["sha256"] for m in record["models"]}
+    if sha not in known:
+        record["models"].append({"sha256": sha, "machine": machine})
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
+    if known and sha not in known:
+        return (f"the aligned model's weights ({sha[:12]}) differ from the archived cells' ({', '.join(sorted(k[:12] for k in known))}): "
+                "the same alignment recipe gave other float rounding on this machine, so this run's cells start "
+                "from a slightly different aligned model (recorded in " + str(path) + ")")
+    return None
