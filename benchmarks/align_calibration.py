@@ -53,6 +53,7 @@ VARIANTS = {
     # fewer refusal rows: the harmful side had room (96 %), the benign side did not
     "flagged200-alpaca600": variant([FLAGGED200, "alpaca_demo[:600]"]),
     "flagged200-alpaca1000": variant([FLAGGED200, "alpaca_demo[:1000]"]),
+    "flagged200-alpaca600-2ep": variant([FLAGGED200, "alpaca_demo[:600]"], epochs=2),
 }
 
 # Validation prompts: rows that no recipe's test set holds (the recipes test on advbench[:100], HarmBench val,

@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from . import bench_archive, models
-from .config import dump_yaml, from_dict, load_config, parse_override, read_config_file, to_dict
+from .config import dump_yaml, from_dict, load_config, parse_override, read_config_file, to_dict, with_defaults
 from .errors import DualSelectError
 from .logs import write_atomic
 from .tune import TuneConfig, tune_stage
@@ -255,7 +255,8 @@ def _comparable(cfg_dict: dict) -> dict:
 def check_cell_config(cell: Cell, cfg) -> None:
     """Refuse a cell (finished or not) that was started with another config than the grid gives it now."""
     path = cell.path / CELL_CONFIG
-    if path.exists() and _comparable(yaml.safe_load(path.read_text())) != _comparable(to_dict(cfg)):
+    if path.exists() and _comparable(with_defaults(yaml.safe_load(path.read_text()), cfg)) != \
+            _comparable(to_dict(cfg)):
         raise DualSelectError(f"{cell.path}: this cell was started with another config (see {path}); remove "
                               "the cell directory to rerun it, or choose another bench.output_dir")
 
@@ -314,7 +315,8 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
     seen = [s for s in (cfg.data.task, cfg.data.reference) if s]
     merged = models.cache_dir() / "aligned" / f"bench-{_align_key(cfg)}"
     saved = run_dir / "config.yaml"
-    if saved.exists() and _comparable(yaml.safe_load(saved.read_text())) != _comparable(to_dict(cfg)):
+    if saved.exists() and _comparable(with_defaults(yaml.safe_load(saved.read_text()), cfg)) != \
+            _comparable(to_dict(cfg)):
         raise DualSelectError(f"{run_dir}: the alignment stage was run with another config (see {saved}); remove "
                               f"{run_dir} to rerun it, or choose another bench.output_dir")
     if (merged / "config.json").exists():

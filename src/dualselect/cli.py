@@ -20,6 +20,8 @@ VERBS = {
     "eval": "evaluate a model (+ adapter): refusal rate on harmful prompts, over-refusal, task accuracy",
     "bench": "a grid of train + eval cells (methods x seeds x any config key), resumable, one report at the end",
     "report": "compare methods over seeds: means with 95% intervals, paired tests vs a baseline, a plot",
+    "continual": "fine-tune one adapter on a sequence of tasks (methods x seeds), resumable per stage; accuracy "
+                 "matrix, forgetting and safety after every stage",
 }
 
 
@@ -95,14 +97,22 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in train.output_dir from its latest checkpoint (same config)")
     args = p.parse_intermixed_args(argv)
+    from .distributed import launched_rank, launched_world_size
     from .train import default_run_dir, train
 
     cfg = _load(args)
+    if launched_world_size() > 1 and not cfg.train.output_dir:  # each process would name its own
+        raise DualSelectError("a run in several processes (accelerate launch) needs train.output_dir")
     if not cfg.train.output_dir:  # name the run dir here, so that a failed start can be cleaned up
         cfg.train.output_dir = str(default_run_dir(cfg))
-    # a run that wrote its config.yaml has started (or is resumed): it stays, --resume continues it
-    with _no_partial_output(Path(cfg.train.output_dir), keep=lambda out: (out / "config.yaml").exists()):
+    # a run that wrote its config.yaml has started (or is resumed): it stays, --resume continues it; of several
+    # processes the main one writes the run dir and cleans it up
+    main_process = launched_rank() == 0
+    with (_no_partial_output(Path(cfg.train.output_dir), keep=lambda out: (out / "config.yaml").exists())
+          if main_process else contextlib.nullcontext()):
         result = train(cfg, resume=args.resume)
+    if not main_process:
+        return 0
     print(f"adapter: {result.adapter_dir}")
     print(f"run dir: {result.run_dir}  ({result.steps} steps, {result.seconds:.0f} s, peak RSS "
           f"{result.peak_rss_mb:.0f} MB)")
@@ -229,6 +239,25 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def cmd_continual(argv: list[str]) -> int:
+    from . import continual
+
+    p = argparse.ArgumentParser(prog="dualselect continual", description=VERBS["continual"],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=continual.__doc__.split("\n", 2)[2] + "\nRecipes: configs/continual-*.yaml.")
+    p.add_argument("config", help="continual YAML: a run config plus a continual section")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of every stage run (continual.KEY=VALUE sets the continual section)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_intermixed_args(argv)
+    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet)
+    print(result["markdown"], end="")
+    print(f"results: {result['path']}")
+    print(f"report:  {result['report']}")
+    print(f"page:    {result['html']} (tables and figures)")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dualselect demo", description=VERBS["demo"])
     p.add_argument("--out", default="runs/demo", help="directory for data, adapters and logs (default runs/demo)")
@@ -252,7 +281,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "methods": cmd_methods, "select": cmd_select, "eval": cmd_eval, "report": cmd_report, "bench": cmd_bench,
-            "demo": cmd_demo}
+            "continual": cmd_continual, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = {"train": "a run with checkpoints continues with --resume",
                 "eval": "the answers so far are kept in samples.jsonl; the same command resumes",
-                "bench": "finished cells are kept; the same command resumes"}.get(argv[0], "")
+                "bench": "finished cells are kept; the same command resumes",
+                "continual": "finished stages are kept; the same command resumes"}.get(argv[0], "")
         print(f"interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 

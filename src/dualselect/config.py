@@ -24,6 +24,7 @@ text of ``dualselect train --help``. A ``__post_init__`` may raise ``ValueError`
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 import typing
@@ -115,6 +116,12 @@ class ModelConfig:
         False, "run the Python code a hub model or model directory ships (auto_map in its config) when loading the "
                "model and tokenizer; only for sources you trust"
     )
+    gradient_checkpointing: bool = _opt(
+        False, "recompute each decoder layer's activations in the backward instead of keeping them (transformers' "
+               "non-reentrant activation checkpointing): less memory for a slower step, the same gradients. "
+               "transformers checkpoints in train mode only, so it is refused with dualselect.score_mode=eval (every "
+               "gradient computed in eval mode), and for a model that does not support it"
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "lora_r", 1)
@@ -188,9 +195,14 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "save a checkpoint every N steps (0 = only the final state)")
     log_every: int = _opt(1, "show the loss on the progress bar every N steps (metrics.jsonl holds every step)")
     output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
-    grad_engine: str = _opt("loop", "how per-sample gradients are computed: loop (one forward/backward per sample) or "
-                                     "factored (one padded backward per chunk of 8, LoRA gradients from hooked factors; "
-                                     "0.9x the loop's time on a 2-core CPU; meant for GPUs, not yet measured there)")
+    grad_engine: Literal["loop", "factored", "auto"] = _opt(
+        "loop", "how per-sample gradients are computed: loop (one forward/backward per sample), factored (one padded "
+                "backward per chunk of 8, LoRA gradients from hooked factors; 0.9x the loop's time on a 2-core CPU; "
+                "meant for GPUs, not yet measured there) or auto (the faster of the two for this model and device: "
+                "each engine runs twice on the first samples whose gradients the method computes, up to 8, once per "
+                "run; loop where factored does not apply: trainable non-LoRA parameters, DoRA; the choice and the "
+                "timings go to run_info.json and a resumed run keeps it). The engines draw LoRA dropout masks "
+                "differently, so runs with different engines differ")
     quiet: bool = _opt(False, "no progress bars")
     nonfinite: Literal["stop", "skip"] = _opt(
         "stop", "a NaN or inf loss or gradient: stop (end the run naming the step and its sample ids; checkpoints "
@@ -753,6 +765,21 @@ def to_dict(cfg: RunConfig) -> dict:
     for name, cls in EXTRA_SECTIONS.items():
         if getattr(cfg, name) != cls():
             out[name] = _plain(getattr(cfg, name))
+    return out
+
+
+def with_defaults(saved: Mapping, cfg: RunConfig) -> dict:
+    """A config mapping written earlier (a run's config.yaml, a bench cell's cell.yaml), with every key that `cfg`'s
+    sections know and it lacks set to that key's default: an option added to the project since then reads as its
+    default, so an earlier run still compares equal to the same config today (and resumes, and its cell counts)."""
+    out = json.loads(json.dumps(saved))
+    sections = {**CORE_SECTIONS, **EXTRA_SECTIONS}
+    if cfg.method_args is not None:
+        sections[cfg.train.method] = type(cfg.method_args)
+    for name, cls in sections.items():
+        if isinstance(out.get(name), dict):
+            for key, value in _plain(cls()).items():
+                out[name].setdefault(key, value)
     return out
 
 

@@ -3,19 +3,23 @@
 An engine turns a list of encoded samples into (losses, supervised-token counts, gradients [n, P]).
 `loop` runs one forward/backward per sample without padding (batched autograd/vmap variants were slower
 on a 2-core CPU and used far more memory). `factored` runs one padded forward/backward per chunk and
-forms each sample's exact LoRA gradient from hooked factors (einsums over that sample's tokens). Engines
-are looked up by name in ENGINES.
+forms each sample's exact LoRA gradient from hooked factors (einsums over that sample's tokens). `auto`
+(AutoEngine) times both on its first call and keeps the faster. Engines are looked up by name in ENGINES.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data.formatting import Encoded, collate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,7 +170,8 @@ class FactoredEngine:
     unsupervised positions contribute exact zeros), grad B_n = g_n^T h_n and grad A_n = (dL/dh)_n^T u_n
     (lora_B's output is scaled after the module, so the scaling is in g). The factors are float32; under bf16
     autocast the result is the exact gradient of that forward up to bf16 rounding of the factors.
-    Needs every trainable parameter to be a plain (non-DoRA) LoRA A or B weight of an active adapter."""
+    Needs every trainable parameter to be a plain (non-DoRA) LoRA A or B weight of an active adapter. Exact under
+    (non-reentrant) gradient checkpointing too, whose recompute runs the hooked forwards a second time (_hook)."""
 
     name = "factored"
 
@@ -245,20 +250,98 @@ class FactoredEngine:
             rows[:, off_a:off_a + na] += torch.einsum("ntr,nti->nri", g.float(), saved.pop("u")).reshape(len(rows), -1)
             saved.pop("h", None)
 
+        # Under gradient checkpointing a layer's forward runs again in the backward (same RNG state, same values),
+        # but the backward goes through the graph of the first forward only (non-reentrant checkpointing: the
+        # recompute just refills that graph's saved tensors): only the first forward's factors and hooks count.
         def a_forward(module, inputs, output):
-            saved["u"] = inputs[0].detach().float()
-            saved["h"] = output.detach().float()
-            if output.requires_grad:
+            if output.requires_grad and not saved.get("a_seen"):
+                saved.update(a_seen=True, u=inputs[0].detach().float(), h=output.detach().float())
                 output.register_hook(on_h_grad)
 
         def b_forward(module, inputs, output):
-            if output.requires_grad:
+            if output.requires_grad and not saved.get("b_seen"):
+                saved["b_seen"] = True
                 output.register_hook(on_b_grad)
 
         return [a.register_forward_hook(a_forward), b.register_forward_hook(b_forward)]
 
 
-ENGINES = {"loop": LoopEngine, "factored": FactoredEngine}
+def _sync(device) -> None:
+    """Wait for the device's queued work (a timing must not stop the clock before the kernels ran)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def _rng_kept(device):
+    """A context that restores the CPU RNG and `device`'s RNG when it ends (LoRA dropout draws from them)."""
+    dev = torch.device(device)
+    return torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type)
+
+
+class AutoEngine:
+    """`auto`: the faster of `loop` and `factored` for this model and device, measured on the first call.
+
+    That call's samples (at most `probe_samples` of them) are computed by both engines, alternately, `rounds`
+    times; each engine's best time counts (the first round pays one-time costs) and the faster one computes
+    this call and every later one. Where factored does not apply (FactoredEngine.lora_pairs refuses the trainable
+    parameters: non-LoRA ones, DoRA) it is loop, without a probe. The probe leaves nothing behind: the RNG (the
+    LoRA dropout draws) is restored, and the engines change neither .grad nor the model's mode, so the run is the
+    one the chosen engine, named, would give. `record` (requested, used, seconds per engine, why) goes to
+    run_info.json through `on_choice(record)`; `use(record)` takes the engine of an earlier record (a resumed run
+    keeps the engine it started with)."""
+
+    name = "auto"
+
+    def __init__(self, rounds: int = 2, probe_samples: int = 8, on_choice=None):
+        if rounds < 1 or probe_samples < 1:
+            raise ValueError("rounds and probe_samples must be >= 1")
+        self.rounds, self.probe_samples, self.on_choice = rounds, probe_samples, on_choice
+        self.engine = None
+        self.record = {"requested": "auto", "used": None}  # used: null until the first call
+
+    def use(self, record: dict) -> None:
+        if record.get("used") not in ("loop", "factored"):
+            raise ValueError(f"grad_engine record names no engine: {record!r}")
+        self.engine, self.record = ENGINES[record["used"]](), dict(record)
+
+    def __call__(self, model, batch: list[Encoded], device, autocast=contextlib.nullcontext) -> PerSampleGrads:
+        if self.engine is None:
+            self._choose(model, batch, device, autocast)
+        return self.engine(model, batch, device, autocast)
+
+    def _choose(self, model, batch, device, autocast) -> None:
+        try:
+            FactoredEngine.lora_pairs(model, trainable_params(model))
+        except ValueError as e:
+            self._chose("loop", None, f"factored does not apply ({e})")
+            return
+        engines, sample = {"loop": LoopEngine(), "factored": FactoredEngine()}, batch[:self.probe_samples]
+        times = {name: [] for name in engines}
+        with _rng_kept(device):
+            for _ in range(self.rounds):
+                for name, engine in engines.items():
+                    _sync(device)
+                    start = time.perf_counter()
+                    engine(model, sample, device, autocast)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+        seconds = {name: round(min(t), 4) for name, t in times.items()}
+        used = min(seconds, key=seconds.get)  # equal: loop
+        self._chose(used, seconds, f"measured on {len(sample)} samples, {self.rounds} rounds: factored took "
+                                   f"{seconds['factored'] / max(seconds['loop'], 1e-9):.2f}x the loop's time")
+
+    def _chose(self, used: str, seconds: dict | None, reason: str) -> None:
+        self.engine = ENGINES[used]()
+        self.record = {"requested": "auto", "used": used, "seconds": seconds, "reason": reason}
+        log.info("grad_engine auto -> %s: %s", used, reason)
+        if self.on_choice is not None:
+            self.on_choice(self.record)
+
+
+ENGINES = {"loop": LoopEngine, "factored": FactoredEngine, "auto": AutoEngine}
 
 
 def get_engine(name: str):

@@ -258,6 +258,28 @@ def load_model(name_or_path: str, precision: str = "auto", device: str = "auto",
     return model.to(dev), prec, dev
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """model.gradient_checkpointing: transformers' activation checkpointing of every decoder layer, non-reentrant
+    (torch.utils.checkpoint with use_reentrant=False: frozen layer inputs need not require grad, the recompute
+    replays the saved RNG state, so LoRA dropout draws the same masks; torch.autograd.grad works through it).
+    Refused (DualSelectError) for a model that does not support it. `model`: a transformers model or its PEFT
+    wrapper (called after add_lora: PEFT would hook the input embeddings again)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DualSelectError(f"model.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                              "checkpointing; set model.gradient_checkpointing=false")
+    # transformers >= 5 names it activation_checkpointing_enable (gradient_checkpointing_enable: deprecated alias)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    try:
+        enable({"use_reentrant": False})
+    except ValueError as e:  # an architecture whose layers have no checkpointing flag
+        raise DualSelectError(f"model.gradient_checkpointing: {e}") from None
+    # transformers (>= 5) also hooks the input embeddings to require grad, which reentrant checkpointing needs and this
+    # does not: removed, the backward stops at the first LoRA layer as it does without checkpointing
+    with contextlib.suppress(AttributeError):  # older transformers: no hook to remove
+        model.disable_input_require_grads()
+
+
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), init_adapter: str | None = None):
     """Wrap the model with a trainable LoRA adapter (PEFT), or load `init_adapter` as trainable (its saved r,

@@ -48,7 +48,7 @@ def git_commit() -> str | None:
 
 
 def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reason: str, n_trainable: int, data: dict,
-                   plan_steps: int, adapter: dict | None = None):
+                   plan_steps: int, adapter: dict | None = None, grad_engine: dict | None = None):
     """run_info.json: everything needed to tell two runs apart besides config.yaml."""
     kept = getattr(cfg.method_args, "k_task", 0)  # DualSelect keeps k_task of each batch (<= 0: all)
     info = {
@@ -64,10 +64,25 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reas
         "planned_steps": plan_steps,
         "n_trainable_params": n_trainable,
         "adapter": adapter,  # the trained adapter's actual settings (read from the model)
+        # per-sample gradient engine: requested, used (auto: null until chosen), the probe's seconds per engine
+        "grad_engine": grad_engine,
         "data": data,
     }
     write_atomic(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))
     return info
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """run_info.json of a run directory ({} where there is none yet)."""
+    path = run_dir / "run_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_run_info(run_dir: Path, key: str, value) -> None:
+    """Set one entry of run_info.json (written atomically)."""
+    info = read_run_info(run_dir)
+    info[key] = value
+    write_atomic(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))
 
 
 def adapter_settings(model, init_adapter: str | None) -> dict | None:
@@ -97,8 +112,5 @@ def record_budget(run_dir: Path, metrics: list[dict]) -> dict:
     budget = {"optimizer_steps": len(metrics), "steps_by_phase": steps,
               "trained_samples": sum(int(m.get("trained_samples", 0)) for m in metrics),
               "trained_tokens": sum(int(m.get("trained_tokens", 0)) for m in metrics)}
-    path = run_dir / "run_info.json"
-    info = json.loads(path.read_text())
-    info["budget"] = budget
-    write_atomic(path, json.dumps(info, indent=2, default=str))
+    update_run_info(run_dir, "budget", budget)
     return budget

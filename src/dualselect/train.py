@@ -20,20 +20,26 @@ from .config import RunConfig, dump_yaml
 from .data.formatting import encode, encode_all
 from .data.mixing import load_task_examples
 from .data.records import load_examples
+from .distributed import SingleProcess, communicator, same_on_all
 from .errors import DualSelectError
-from .grads import get_engine, trainable_params
+from .grads import AutoEngine, get_engine, trainable_params
 from .logs import JsonlLog, read_jsonl, write_atomic
 from .methods import METHODS
 from .methods.context import NonFiniteError, TrainContext, nonfinite_rows, show_ids
-from .runinfo import adapter_settings, peak_rss_mb, record_budget, write_run_info
+from .runinfo import adapter_settings, peak_rss_mb, read_run_info, record_budget, update_run_info, write_run_info
 
 log = logging.getLogger("dualselect")
 
 # Keys that may change between an interrupted run and its resumption (besides the eval section).
-# train.nonfinite: a run stopped by a NaN continues with skip; model.trust_remote_code: absent from older runs'
-# config.yaml and without effect on the result.
+# train.nonfinite: a run stopped by a NaN continues with skip; model.trust_remote_code and model.gradient_checkpointing
+# (memory only: the same gradients): absent from older runs' config.yaml and without effect on the result.
 RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every", "train.nonfinite",
-                     "model.trust_remote_code"}
+                     "model.trust_remote_code", "model.gradient_checkpointing"}
+
+# Methods that run in several processes (accelerate launch; distributed.py): their steps share each batch among
+# the processes and sum-reduce the shares (sft's supervised_step, used by random and dsir; dualselect's step).
+# The others are refused there until their steps do the same.
+MULTIPROCESS_METHODS = ("sft", "dualselect", "random", "dsir")
 
 
 @dataclass
@@ -136,9 +142,9 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     import yaml
 
-    from .config import to_dict
+    from .config import to_dict, with_defaults
 
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = with_defaults(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg)
     changed = {k for k in _diff_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES if not k.startswith("eval.")}
     if changed:
         raise DualSelectError(f"{run_dir}: cannot resume, the config differs from the saved one in: "
@@ -152,6 +158,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
         raise DualSelectError(f"unknown method '{cfg.train.method}'; known: {', '.join(METHODS)}")
     if not cfg.data.task:
         raise DualSelectError("no task data: set data.task (a file, a named dataset or hf:NAME)")
+    comm = communicator(cpu=models.pick_device(cfg.model.device).type == "cpu")
+    if comm.world_size > 1:
+        _check_processes(cfg, comm)
     run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_run_dir(cfg)
     if resume:
         if not (run_dir / "config.yaml").exists():
@@ -160,6 +169,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
     elif (run_dir / "config.yaml").exists():
         raise DualSelectError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
                               "train.output_dir")
+    comm.barrier()  # every process has looked at the run dir before the main one writes in it
+    if not comm.is_main:
+        return _other_process(cfg, run_dir, resume, on_step, t0, comm)
     run_dir.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -167,13 +179,40 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
         log.setLevel(logging.INFO)
     log.addHandler(file_log)
     try:
-        return _train(cfg, run_dir, resume, on_step, t0)
+        return _train(cfg, run_dir, resume, on_step, t0, comm)
     except NonFiniteError as e:  # into train.log as well (the CLI prints it on the console)
         file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, str(e), None, None))
         raise
     finally:
         log.removeHandler(file_log)
         file_log.close()
+
+
+def _check_processes(cfg: RunConfig, comm) -> None:
+    """What a run in several processes needs (refused with a clear error otherwise)."""
+    if cfg.train.method not in MULTIPROCESS_METHODS:
+        raise DualSelectError(f"method {cfg.train.method} cannot run in several processes yet (this run was started "
+                              f"as {comm.world_size}): run it in one process, or use one of "
+                              f"{', '.join(MULTIPROCESS_METHODS)}")
+    if not cfg.train.output_dir:
+        raise DualSelectError("a run in several processes needs train.output_dir (the run directory the main process "
+                              "writes and every process resumes from)")
+    device = models.pick_device(cfg.model.device)
+    if device.type != comm.device.type or (device.index is not None and device != comm.device):
+        raise DualSelectError(f"model.device={cfg.model.device} ({device}) but this process of {comm.world_size} "
+                              f"was given {comm.device}: set model.device=auto (each process uses the device the "
+                              "launcher gives it), or launch CPU processes for model.device=cpu")
+
+
+def _other_process(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float, comm) -> TrainResult:
+    """A process other than the main one of a multi-process run: the same steps, but it writes nothing to the run
+    dir and logs warnings only."""
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        return _train(cfg, run_dir, resume, on_step, t0, comm)
+    finally:
+        log.setLevel(level)
 
 
 @dataclass
@@ -185,10 +224,15 @@ class Setup:
     facts: dict  # data reports for run_info.json
 
 
-def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
-    """Seed, load tokenizer, data and model (+ LoRA); open the run's JSONL logs."""
+def build(cfg: RunConfig, run_dir: Path, resuming: bool = False, comm=None) -> Setup:
+    """Seed, load tokenizer, data and model (+ LoRA); open the run's JSONL logs (the main process's only).
+    `comm`: the run's processes (distributed.py; default one process)."""
     from tqdm.auto import tqdm
 
+    comm = comm or SingleProcess()
+    if cfg.train.grad_engine == "auto" and comm.world_size > 1:  # each process would time and choose on its own
+        raise DualSelectError(f"train.grad_engine=auto chooses in one process, and this run has {comm.world_size}: "
+                              "set train.grad_engine=loop or factored")
     seed_everything(cfg.train.seed)
     tokenizer = models.load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     task, task_facts, task_examples = load_encoded(cfg.data.task, cfg, tokenizer, cfg.data.task_limit, "task")
@@ -199,30 +243,38 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False) -> Setup:
                                                  trust_remote_code=cfg.model.trust_remote_code)
     model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                             cfg.model.lora_targets, cfg.model.init_adapter)
+    if cfg.model.gradient_checkpointing:
+        if getattr(cfg.method_args, "score_mode", "train") == "eval":  # transformers checkpoints in train mode only
+            raise DualSelectError(f"model.gradient_checkpointing=true would not apply: {cfg.train.method}.score_mode="
+                                  "eval computes every gradient in eval mode, where transformers does not checkpoint; "
+                                  f"set {cfg.train.method}.score_mode=train or model.gradient_checkpointing=false")
+        models.enable_gradient_checkpointing(model)
     model.train()
     ctx = TrainContext(
         model=model, params=trainable_params(model), task=task, reference=reference,
         engine=get_engine(cfg.train.grad_engine), device=device, pad_id=tokenizer.pad_token_id,
         batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.train.seed,
-        autocast=lambda: models.autocast(precision, device), selection_log=JsonlLog(run_dir / "selection.jsonl"),
-        progress=lambda it, **kw: tqdm(it, leave=False, disable=cfg.train.quiet, **kw),
+        autocast=lambda: models.autocast(precision, device),
+        selection_log=JsonlLog(run_dir / "selection.jsonl") if comm.is_main else None,
+        progress=lambda it, **kw: tqdm(it, leave=False, disable=cfg.train.quiet or not comm.is_main, **kw),
         run_dir=run_dir, resuming=resuming, tokenizer=tokenizer, template=cfg.data.template,
         task_examples=task_examples, reference_examples=ref_examples,
         encode=lambda ex: encode(ex, tokenizer, template=cfg.data.template, mask=cfg.data.mask,
                                  max_length=cfg.data.max_length),
-        nonfinite=cfg.train.nonfinite,
+        nonfinite=cfg.train.nonfinite, comm=comm,
     )
     return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> TrainResult:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float, comm) -> TrainResult:
     from tqdm.auto import tqdm
 
-    setup = build(cfg, run_dir, resume)
+    setup = build(cfg, run_dir, resume, comm)
     ctx = setup.ctx
-    model, params, quiet = ctx.model, ctx.params, cfg.train.quiet
-    metrics_log = JsonlLog(run_dir / "metrics.jsonl")
-    logs = {"selection": ctx.selection_log, "metrics": metrics_log}
+    model, params, quiet = ctx.model, ctx.params, cfg.train.quiet or not comm.is_main
+    # only the main process writes the run dir: logs, checkpoints, config, run_info, the adapter
+    metrics_log = JsonlLog(run_dir / "metrics.jsonl") if comm.is_main else None
+    logs = {"selection": ctx.selection_log, "metrics": metrics_log} if comm.is_main else {}
     try:
         method = METHODS[cfg.train.method](cfg.method_args, ctx)
     except ValueError as e:
@@ -239,11 +291,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
     else:
         for lg in logs.values():
             lg.truncate(0)
-    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # rewritten on resume: a kill must not leave it cut
-    write_run_info(run_dir, cfg, device=ctx.device, precision=setup.precision,
-                   precision_reason=models.choose_precision(cfg.model.precision, ctx.device).reason,
-                   n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan),
-                   adapter=adapter_settings(model, cfg.model.init_adapter))
+    if comm.is_main:
+        write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # rewritten on resume: a kill must not leave it cut
+        engine_record = _engine_record(ctx.engine, run_dir, resume)  # reads the earlier run_info.json: before it goes
+        write_run_info(run_dir, cfg, device=ctx.device, precision=setup.precision,
+                       precision_reason=models.choose_precision(cfg.model.precision, ctx.device).reason,
+                       n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan),
+                       adapter=adapter_settings(model, cfg.model.init_adapter),
+                       grad_engine=engine_record)
+        if comm.world_size > 1:
+            update_run_info(run_dir, "processes", {
+                "count": comm.world_size, "backend": comm.backend,
+                "split": "each step's batch in contiguous blocks in batch order, the first ones one sample larger "
+                         "where it does not divide (distributed.share)"})
+    if comm.world_size > 1:
+        _same_start(comm, params, cfg.train.seed, start)
     log.info("run dir %s: method %s, %d steps, %d trainable parameters, %s on %s", run_dir, cfg.train.method,
              len(plan), sum(p.numel() for p in params), setup.precision, ctx.device)
 
@@ -279,25 +341,57 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float) -> T
         if planned.last_of_epoch:
             method.on_epoch_end(planned.epoch)
         last_loss = metrics["loss"] if grad_norm is not None else last_loss
-        metrics_log.write({"step": planned.index, "phase": planned.phase, "epoch": planned.epoch, **metrics,
-                           "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "seconds": round(time.time() - step_t, 3)})
+        if comm.is_main:
+            metrics_log.write({"step": planned.index, "phase": planned.phase, "epoch": planned.epoch, **metrics,
+                               "grad_norm": None if grad_norm is None else float(grad_norm),
+                               "seconds": round(time.time() - step_t, 3)})
         if cfg.train.log_every and (planned.index + 1) % cfg.train.log_every == 0 and last_loss is not None:
             bar.set_postfix(loss=f"{last_loss:.4f}")
         bar.update(1)
         done = planned.index + 1
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < len(plan):
+        if comm.is_main and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < len(plan):
             save_checkpoint(run_dir, done, model, optimizer, method, logs)
         if on_step:
             on_step(planned.index)
     bar.close()
-    save_checkpoint(run_dir, len(plan), model, optimizer, method, logs)
-    adapter_dir = _atomic_dir(run_dir / "adapter", lambda tmp: model.save_pretrained(tmp))
-    record_budget(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
+    if not same_on_all(comm, params):
+        raise DualSelectError(f"the {comm.world_size} processes ended with different parameters (a bug in the "
+                              "sharing of updates); no adapter was written")
+    if comm.world_size > 1:
+        log.info("the %d processes ended with identical parameters (checksum)", comm.world_size)
+    adapter_dir = run_dir / "adapter"
+    if comm.is_main:
+        save_checkpoint(run_dir, len(plan), model, optimizer, method, logs)
+        _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(tmp))
+        record_budget(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
+    comm.barrier()  # the run dir is complete when train() returns, in every process
     result = TrainResult(run_dir, adapter_dir, len(plan), last_loss, time.time() - t0, peak_rss_mb())
     log.info("done: %d steps in %.1f s, peak RSS %.0f MB; adapter at %s", len(plan), result.seconds,
              result.peak_rss_mb, adapter_dir)
     return result
+
+
+def _same_start(comm, params, seed: int, start: int) -> None:
+    """Several processes: all start from the main process's parameters (as DDP does), and from here each draws
+    its own LoRA dropout masks (a seed of its own: the masks of a sample differ from a one-process run's anyway;
+    a resumed run draws new ones)."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(comm.broadcast(p))
+    torch.manual_seed(seed + 1_000_003 * (comm.rank + 1) + start)
+
+
+def _engine_record(engine, run_dir: Path, resume: bool) -> dict:
+    """run_info.json's grad_engine entry. `auto` resumes with the engine the run started with (read back from
+    run_info.json, not probed again), and records its probe there when it makes it."""
+    if not isinstance(engine, AutoEngine):
+        return {"requested": engine.name, "used": engine.name}
+    earlier = read_run_info(run_dir).get("grad_engine") if resume else None
+    if earlier and earlier.get("used"):
+        engine.use(earlier)
+        log.info("grad_engine auto: %s, as chosen when this run started", earlier["used"])
+    engine.on_choice = lambda record: update_run_info(run_dir, "grad_engine", record)
+    return engine.record
 
 
 def _sample_ids(method, ctx: TrainContext, planned) -> list[str]:

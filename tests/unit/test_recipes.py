@@ -13,7 +13,7 @@ from dualselect.eval.prompts import KINDS
 from dualselect.methods import METHODS, method_configs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("continual-"))  # test_continual.py
 PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
 PAPER_MODELS = {"google/gemma-3-1b-it", "Qwen/Qwen3-4B-Instruct-2507", "meta-llama/Meta-Llama-3-8B-Instruct"}
 # the projection names of the Gemma-3, Qwen3 and Llama-3 decoder layers (transformers' modelling code)

@@ -11,6 +11,7 @@ import torch
 
 from ..data.formatting import Encoded
 from ..data.records import Example
+from ..distributed import SingleProcess
 from ..errors import DualSelectError
 from ..logs import JsonlLog
 
@@ -67,6 +68,9 @@ class TrainContext:
     # them with the step and clears the list)
     nonfinite: str = "stop"
     dropped: list[dict] = field(default_factory=list)
+    # the processes of the run (distributed.py): each takes its share of a step's batch (comm.share) and the
+    # method sum-reduces the shares into the whole batch's update; SingleProcess in an ordinary run
+    comm: Any = field(default_factory=SingleProcess)
 
     def finite_rows(self, ids: list[str], losses: torch.Tensor, grads: torch.Tensor | None = None,
                     data: str = "task") -> list[int]:

@@ -21,6 +21,14 @@ Ablations (options; defaults = the paper's procedure), to see which term does th
                              each candidate set (the batch; the scored pool) before mu and nu weigh them, so
                              that nu weighs the gradient term on the same scale as the loss (a zscore
                              refresh computes the chosen references' gradients a second time)
+
+Scale (options; they change memory and cost, not the procedure, except as each one says):
+
+  ref_memory: recompute      keep only scores while scoring the pool, then compute the chosen references'
+                             gradients again into a running weighted sum: one chunk of gradients in memory
+                             instead of K_R + one chunk (hold, the default)
+  ref_sample: N              score a fresh seeded random subset of N references at each refresh
+  projection_dim: d          reference cosines of randomly projected gradients (g_R stays exact)
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ import torch
 
 from ..errors import DualSelectError
 from ..grads import PerSampleGrads, set_grads
+from ..projection import project
 from ..schedule import PlannedStep, batch_plan, warmup_within
+from ..selection.dtypes import wide_dtype
 from ..selection.dualselect import (
     RunningTopK,
+    WeightedSum,
     cosine,
     cosines,
     reference_scores,
@@ -53,6 +64,32 @@ from .context import NonFiniteError, TrainContext
 
 def _rows(out: PerSampleGrads, rows: list[int]) -> PerSampleGrads:
     return PerSampleGrads(out.losses[rows], out.tokens[rows], out.grads[rows])
+
+
+def _grad_flags(grads: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: 0 where a row of `grads` [n, P] is finite, inf where not (what finite_rows needs of the gradients,
+    small enough to gather from every process)."""
+    bad = ~torch.isfinite(grads).all(dim=1, keepdim=True)
+    return torch.zeros(len(grads), 1, device=grads.device).masked_fill(bad, float("inf"))
+
+
+def _shared_mean(comm, grads: torch.Tensor, n: int) -> torch.Tensor:
+    """The mean of the n gradients of a batch whose rows are shared among processes (`grads`: this one's rows)."""
+    if comm.world_size == 1:
+        return grads.mean(dim=0)
+    return (comm.sum(grads.to(wide_dtype(grads.device)).sum(dim=0)) / n).to(torch.float32)
+
+
+def _shared_direction(comm, grads: torch.Tensor, start: int, index: list[int], weights: list[float]) -> torch.Tensor:
+    """weighted_direction of the batch's rows `index` (positions in the batch) when this process holds the rows
+    start..start + len(grads) only: each process adds its own selected rows, the parts are summed over processes."""
+    if comm.world_size == 1:
+        return weighted_direction(grads[index], weights)
+    acc = torch.zeros(grads.shape[1], dtype=wide_dtype(grads.device), device=grads.device)
+    for i, w in zip(index, weights):
+        if start <= i < start + len(grads) and w != 0.0:
+            acc.add_(grads[i - start].to(acc.dtype), alpha=w)
+    return (comm.sum(acc) / float(torch.tensor(weights, dtype=wide_dtype()).sum())).to(torch.float32)
 
 
 def _opt(default, help: str):
@@ -78,10 +115,31 @@ class DualSelectConfig:
     tau_ref: float = _opt(0.1, "tau_R: temperature of the soft reference weights")
     rho: float = _opt(0.2, "rho: strength of the correction; each step follows g_T + rho * g_R")
     ref_pool_limit: int | None = _opt(None, "score only the first N references at each refresh")
+    ref_sample: int | None = _opt(
+        None, "score a random subset of N references at each refresh, a fresh one each time (drawn from the first "
+              "ref_pool_limit references when that is set; seeded by train.seed and the refresh number, so a rerun or a "
+              "resume draws the same subsets; the log's candidates and sample fields say which); N >= k_ref; null: "
+              "score the whole pool")
     score_mode: Literal["train", "eval"] = _opt(
         "train", "model mode while computing per-sample gradients: train (default, as the authors' release: LoRA dropout "
                  "active, a fresh mask per sample; the update reuses these gradients) or eval (dropout off: deterministic)")
-    ref_chunk: int = _opt(8, "references per engine call during a refresh (memory: chunk + K_R gradients)")
+    ref_chunk: int = _opt(8, "references per engine call during a refresh (memory: see ref_memory)")
+    ref_memory: Literal["hold", "recompute"] = _opt(
+        "hold", "reference gradients a refresh keeps: hold (default) the K_R best so far while it scores the pool, "
+                "then their weighted mean (K_R + 1 + ref_chunk gradients at once); recompute: only the losses and "
+                "cosines while it scores, then the chosen references' gradients are computed again, a chunk at a time, "
+                "into a running weighted sum (ref_chunk gradients, whatever K_R and the pool size; K_R more "
+                "per-sample gradients to compute). Both add the scoring's temporaries (float64 copies for the "
+                "cosines, the non-finite check). With score_mode=train, LoRA dropout draws new masks, so a "
+                "recomputed gradient is not the one that was scored (score_mode=eval: the same). score_norm=zscore and "
+                "references=random always keep one chunk only")
+    projection_dim: int | None = _opt(
+        None, "score references with the cosine of randomly projected gradients: a seeded Rademacher (Johnson-"
+              "Lindenstrauss) projection of g(r) and d_T to this many dimensions (the same matrix all run, seeded "
+              "by train.seed); the cosines then deviate by O(1/sqrt(dim)). Changes only the cosine term of the "
+              "reference scores (and what the log shows for it): g_R is still the exact weighted mean of the chosen "
+              "full gradients, and task scores use exact cosines. Costs P x dim per gradient (more than the exact "
+              "cosine: slow on a CPU at LLM scale); null: exact cosines")
     refresh: Literal["epoch", "once", "steps"] = _opt(
         "epoch", "when references are refreshed: epoch (paper: at the start of every epoch), once (ablation: only "
                  "at the first epoch, from the warm-up direction), steps (ablation: every refresh_steps steps)")
@@ -113,6 +171,16 @@ class DualSelectConfig:
             raise ValueError("ref_chunk must be >= 1")
         if self.ref_pool_limit is not None and self.ref_pool_limit < 1:
             raise ValueError(f"ref_pool_limit must be >= 1 (or null: the whole pool), got {self.ref_pool_limit}")
+        if self.ref_sample is not None and self.ref_sample < 1:
+            raise ValueError(f"ref_sample must be >= 1 (or null: the whole pool), got {self.ref_sample}")
+        if self.ref_sample is not None and self.ref_sample < self.k_ref:
+            raise ValueError(f"ref_sample={self.ref_sample} is smaller than k_ref={self.k_ref}: a refresh scores at "
+                             "least the K_R references it keeps (raise ref_sample or lower k_ref)")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be >= 1 (or null: exact cosines), got {self.projection_dim}")
+        if self.references == "random" and (self.ref_sample is not None or self.projection_dim is not None):
+            raise ValueError("ref_sample and projection_dim change how references are scored; with references=random "
+                             "they are drawn, not scored (unset them or use references=scored)")
         if self.refresh == "steps" and (self.refresh_steps is None or self.refresh_steps < 1):
             raise ValueError("refresh=steps needs refresh_steps >= 1")
         if self.refresh != "steps" and self.refresh_steps is not None:
@@ -130,6 +198,10 @@ class DualSelect:
         if not ctx.reference:
             raise ValueError("dualselect needs a reference pool: set data.reference")
         pool = min(len(ctx.reference), cfg.ref_pool_limit or len(ctx.reference))
+        if cfg.ref_sample is not None and cfg.ref_sample > pool:
+            raise ValueError(f"dualselect.ref_sample={cfg.ref_sample} exceeds the {pool} usable references (the pool"
+                             f"{' after ref_pool_limit' if cfg.ref_pool_limit else ''}): lower it, or set it to null to "
+                             "score the whole pool")
         if pool < cfg.k_ref:
             raise ValueError(f"the reference pool has {pool} usable examples, fewer than dualselect.k_ref={cfg.k_ref} "
                              "(a refresh would keep all of them, selecting nothing): lower dualselect.k_ref or add "
@@ -142,6 +214,7 @@ class DualSelect:
         self.sum_gt = zeros()  # running sum of the g_T since the last refresh
         self.n_gt = 0
         self.n_refresh = 0
+        self.g_r_refresh = 0  # several processes: the refresh whose g_R they all hold
 
     def plan(self) -> list[PlannedStep]:
         c = self.ctx
@@ -170,102 +243,146 @@ class DualSelect:
         """The loss and cosine terms of the scores of one candidate set (score = loss term + cosine term)."""
         if self.cfg.score_norm == "zscore":
             losses, cos = standardize(losses), standardize(cos)
-        loss_t = (mu * torch.as_tensor(losses, dtype=torch.float64)).tolist()
-        cos_t = (-self.cfg.nu * torch.as_tensor(cos, dtype=torch.float64)).tolist()
+        loss_t = (mu * torch.as_tensor(losses, dtype=wide_dtype())).tolist()
+        cos_t = (-self.cfg.nu * torch.as_tensor(cos, dtype=wide_dtype())).tolist()
         return loss_t, cos_t
 
-    def _grads_of(self, refs, index: list[int]):
-        """Per-sample losses, cosines to d_T and gradients of refs[index], chunk by chunk (generator): yields
-        (the positions in refs of out's rows, out, cosines); references with a NaN/inf loss or gradient are left
-        out (train.nonfinite=skip; with stop they end the run)."""
-        for start in range(0, len(index), self.cfg.ref_chunk):
-            pos = index[start:start + self.cfg.ref_chunk]
-            out = self.per_sample_grads([refs[i] for i in pos])
-            ok = self.ctx.finite_rows([refs[i].id for i in pos], out.losses, out.grads, data="reference")
-            if len(ok) < len(pos):
-                out, pos = _rows(out, ok), [pos[j] for j in ok]
-            yield pos, out, cosines(out.grads, self.d_t)
+    def _chunks(self, index: list[int]) -> list[list[int]]:
+        return [index[s:s + self.cfg.ref_chunk] for s in range(0, len(index), self.cfg.ref_chunk)]
 
-    def _check_left(self, kept: list, epoch: int) -> None:
-        if not kept:  # train.nonfinite=skip left out every reference
+    def _grads_of(self, refs, pos: list[int]) -> tuple[list[int], PerSampleGrads]:
+        """Per-sample losses and gradients of refs[pos] (one engine call) and the positions of out's rows: references
+        with a NaN/inf loss or gradient are left out (train.nonfinite=skip; with stop they end the run)."""
+        out = self.per_sample_grads([refs[i] for i in pos])
+        ok = self.ctx.finite_rows([refs[i].id for i in pos], out.losses, out.grads, data="reference")
+        if len(ok) < len(pos):
+            out, pos = _rows(out, ok), [pos[j] for j in ok]
+        return pos, out
+
+    def _scored_chunks(self, refs, cand: list[int], epoch: int, seen: dict):
+        """Scores refs[cand] a chunk at a time (generator): yields (positions, out, cosines to d_T) and records each
+        scored reference's (loss, cosine) in `seen` (position -> pair, in scoring order). The cosines are exact or,
+        with projection_dim, those of the projected vectors. A chunk's gradients are released before the next
+        chunk is computed (the caller deletes its `out` too)."""
+        cfg = self.cfg
+        d_ref = project(self.d_t, cfg.projection_dim, self.ctx.seed) if cfg.projection_dim else self.d_t
+        for pos in self.ctx.progress(self._chunks(cand), desc=f"refresh epoch {epoch}"):
+            pos, out = self._grads_of(refs, pos)
+            rows = project(out.grads, cfg.projection_dim, self.ctx.seed) if cfg.projection_dim else out.grads
+            cos = cosines(rows, d_ref)
+            del rows
+            for j, i in enumerate(pos):
+                seen[i] = (float(out.losses[j]), float(cos[j]))
+            yield pos, out, cos
+            del out
+
+    def _candidates(self, n_pool: int) -> list[int]:
+        """The pool positions (ascending) this refresh scores: all, or with ref_sample a fresh subset seeded by
+        train.seed and the refresh number (the same subsets on a rerun and on a resume)."""
+        if self.cfg.ref_sample is None:
+            return list(range(n_pool))
+        rng = random.Random(f"dualselect-ref-sample-{self.ctx.seed}-{self.n_refresh}")
+        return sorted(rng.sample(range(n_pool), self.cfg.ref_sample))
+
+    def _recomputed(self, refs, index: list[int], weights: list[float]) -> tuple[WeightedSum, list[int], list[float]]:
+        """The chosen references' gradients computed again, a chunk at a time, into a running weighted sum in
+        selection order (the same sum as from held gradients); one not finite now (dropout) is left out. Returns
+        the sum and the references and weights in it."""
+        weight_of, acc, found = dict(zip(index, weights)), WeightedSum(), []
+        for pos in self._chunks(index):
+            pos, out = self._grads_of(refs, pos)
+            for j, i in enumerate(pos):
+                acc.add(out.grads[j], weight_of[i])
+            found += pos
+            del out
+        return acc, found, [weight_of[i] for i in found]
+
+    def _check_left(self, n_left: int, epoch: int) -> None:
+        if not n_left:  # train.nonfinite=skip left out every reference
             raise DualSelectError(f"reference refresh {self.n_refresh} (epoch {epoch}): every reference has a NaN or "
                                   "inf loss or gradient, so there is no reference direction (the model has likely "
                                   "diverged): lower train.lr or use model.precision=fp32")
 
     def refresh(self, epoch: int) -> None:
+        """Choose the K_R references and set g_R. Memory: hold keeps the K_R best gradients so far (RunningTopK, rows
+        of one [K_R + 1, P] buffer) plus one chunk; recompute, score_norm=zscore and references=random keep one chunk
+        (and the running sum)."""
         cfg, c = self.cfg, self.ctx
         refs = c.reference[: cfg.ref_pool_limit] if cfg.ref_pool_limit else c.reference
         self.n_refresh += 1
-        losses, coss = [0.0] * len(refs), [0.0] * len(refs)
-        chunks = range(0, len(refs), cfg.ref_chunk)
-        if cfg.references == "random":  # ablation: only the drawn references are computed
+        seen: dict[int, tuple[float, float]] = {}  # scored position -> (loss, cosine)
+        if cfg.references == "random":  # ablation: only the drawn references are computed, summed as they come
             rng = random.Random(f"dualselect-random-refs-{c.seed}-{self.n_refresh}")
             drawn = sorted(rng.sample(range(len(refs)), min(cfg.k_ref, len(refs))))
-            kept, index = [], []
-            for pos, out, cos in self._grads_of(refs, drawn):
-                for j, i in enumerate(pos):
-                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
-                    kept.append(out.grads[j].clone())
-                    index.append(i)
+            acc = WeightedSum()
+            for pos, out, _ in self._scored_chunks(refs, drawn, epoch, seen):
+                for j in range(len(pos)):
+                    acc.add(out.grads[j], 1.0)
                 del out
-            scored, weights = index, [1.0] * len(index)
-            loss_t, cos_t = self._scores([losses[i] for i in index], [coss[i] for i in index], cfg.mu_ref)
-            all_scores = [0.0] * len(refs)
-            for i, a, b in zip(index, loss_t, cos_t):
-                all_scores[i] = a + b
+            index = list(seen)
+            weights = [1.0] * len(index)
+            loss_t, cos_t = self._scores([seen[i][0] for i in index], [seen[i][1] for i in index], cfg.mu_ref)
             terms = dict(zip(index, zip(loss_t, cos_t)))
-        elif cfg.score_norm == "zscore":  # the scores need the whole pool: score it, then recompute the kept ones
-            scored = []
-            for pos, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
-                                            desc=f"refresh epoch {epoch}", total=len(chunks)):
-                for j, i in enumerate(pos):
-                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
-                scored += pos
+            score_of = {i: a + b for i, (a, b) in terms.items()}
+        elif cfg.score_norm == "zscore":  # the standardised terms need every score: score the pool, then recompute
+            for _, out, _ in self._scored_chunks(refs, self._candidates(len(refs)), epoch, seen):
                 del out
-            self._check_left(scored, epoch)
-            loss_t, cos_t = self._scores([losses[i] for i in scored], [coss[i] for i in scored], cfg.mu_ref)
-            all_scores = [0.0] * len(refs)
-            for i, a, b in zip(scored, loss_t, cos_t):
-                all_scores[i] = a + b
-            terms = dict(zip(scored, zip(loss_t, cos_t)))
-            sel = select_references([all_scores[i] for i in scored], cfg.k_ref, cfg.mode, cfg.tau_ref)
-            index, weights = [scored[p] for p in sel.index], sel.weights
-            kept, found = [], set()
-            for pos, out, _ in self._grads_of(refs, index):  # recomputed: one not finite now (dropout) is left out
-                kept += [g.clone() for g in out.grads]
-                found.update(pos)
-            weights = [w for i, w in zip(index, weights) if i in found]
-            index = [i for i in index if i in found]
-        else:
-            top = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref)
-            all_scores = [0.0] * len(refs)
-            scored = []
-            for pos, out, cos in c.progress(self._grads_of(refs, list(range(len(refs)))),
-                                            desc=f"refresh epoch {epoch}", total=len(chunks)):
+            self._check_left(len(seen), epoch)
+            loss_t, cos_t = self._scores([x[0] for x in seen.values()], [x[1] for x in seen.values()], cfg.mu_ref)
+            terms = dict(zip(seen, zip(loss_t, cos_t)))
+            score_of = {i: a + b for i, (a, b) in terms.items()}
+            sel = select_references(list(score_of.values()), cfg.k_ref, cfg.mode, cfg.tau_ref)
+            scored = list(seen)
+            acc, index, weights = self._recomputed(refs, [scored[p] for p in sel.index], sel.weights)
+        else:  # the running top K: with the K_R best gradients so far (hold) or only their scores (recompute)
+            cand = self._candidates(len(refs))
+            top, score_of = RunningTopK(cfg.k_ref, cfg.mode, cfg.tau_ref), {}
+            slots = None
+            if cfg.ref_memory == "hold":  # the payloads are rows of one buffer: K_R + 1 slots, a new row is written
+                slots = torch.empty(min(cfg.k_ref, len(cand)) + 1, self.d_t.numel(), device=self.d_t.device)
+                free = list(range(len(slots)))  # before the row it evicts is freed; no allocation per reference
+            for pos, out, cos in self._scored_chunks(refs, cand, epoch, seen):
                 scores = reference_scores(out.losses, cos, cfg.mu_ref, cfg.nu)
                 for j, i in enumerate(pos):
-                    top.push(float(scores[j]), i, out.grads[j].clone())
-                    losses[i], coss[i] = float(out.losses[j]), float(cos[j])
-                    all_scores[i] = float(scores[j])
-                scored += pos
+                    score_of[i] = float(scores[j])
+                    slot = None
+                    if slots is not None and top.admits(score_of[i], i):  # copy only a row that enters the top K
+                        slot = free.pop()
+                        slots[slot].copy_(out.grads[j])
+                    dropped = top.push(score_of[i], i, slot)
+                    if dropped is not None:
+                        free.append(dropped)
                 del out
             sel, kept = top.result()
             index, weights = sel.index, sel.weights
-            terms = {i: (cfg.mu_ref * losses[i], -cfg.nu * coss[i]) for i in index}
-        self._check_left(kept, epoch)
-        self.g_r = weighted_direction(torch.stack(kept), weights)
-        del kept
+            terms = {i: (cfg.mu_ref * seen[i][0], -cfg.nu * seen[i][1]) for i in index}
+            if slots is not None:
+                acc = WeightedSum()
+                for slot, w in zip(kept, weights):
+                    acc.add(slots[slot], w)
+                del slots
+            else:
+                acc, index, weights = self._recomputed(refs, index, weights)
+        self._check_left(len(acc), epoch)
+        self.g_r = acc.result()
+        del acc
         self.sum_gt.zero_()
         self.n_gt = 0
         if c.selection_log:
+            scored = list(seen)
             c.selection_log.write({
                 "kind": "refresh", "epoch": epoch, "refresh": self.n_refresh, "ids": [refs[i].id for i in index],
-                "index": index, "weights": weights, "scores": [all_scores[i] for i in index],
-                "losses": [losses[i] for i in index], "cosines": [coss[i] for i in index],
+                "index": index, "weights": weights, "scores": [score_of[i] for i in index],
+                "losses": [seen[i][0] for i in index], "cosines": [seen[i][1] for i in index],
                 "loss_terms": [terms[i][0] for i in index], "cosine_terms": [terms[i][1] for i in index],
                 "n_scored": len(scored), "d_t_norm": float(self.d_t.norm()), "g_r_norm": float(self.g_r.norm()),
-                "candidates": {"ids": [refs[i].id for i in scored], "losses": [losses[i] for i in scored],
-                               "cosines": [coss[i] for i in scored]},
+                # which references were scored: positions in the pool (the first ref_pool_limit references) and,
+                # with ref_sample, how the subset was drawn (random.Random(f"dualselect-ref-sample-{seed}-{refresh}"))
+                "pool_size": len(refs), "ref_memory": cfg.ref_memory, "projection_dim": cfg.projection_dim,
+                "sample": ({"size": cfg.ref_sample, "pool": len(refs), "seed": c.seed, "refresh": self.n_refresh}
+                           if cfg.ref_sample is not None else None),
+                "candidates": {"ids": [refs[i].id for i in scored], "index": scored,
+                               "losses": [seen[i][0] for i in scored], "cosines": [seen[i][1] for i in scored]},
             })
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -278,37 +395,48 @@ class DualSelect:
         if cfg.refresh == "steps" and planned.phase != "warmup" and self.n_gt >= cfg.refresh_steps:
             self.d_t = self.sum_gt / self.n_gt  # the task direction since the last refresh
             self.refresh(planned.epoch)
+        if c.comm.world_size > 1 and self.g_r_refresh != self.n_refresh:
+            # Several processes: each ran the same refresh on the whole pool (not yet shared among them), but with
+            # LoRA dropout (score_mode=train) each drew other masks; all follow the main process's g_R (it logs it).
+            self.g_r = c.comm.broadcast(self.g_r)
+            self.g_r_refresh = self.n_refresh
+        # This process's share of the batch (all of it in one process; distributed.py): its rows are the batch's
+        # positions start.. of the batch. Losses, token counts and cosines are gathered for the whole batch, in
+        # batch order, so that every process selects the same samples as a single process would.
         ids = list(planned.ids)
-        out = self.per_sample_grads([c.task[i] for i in ids])
-        ok = c.finite_rows([c.task[i].id for i in ids], out.losses, out.grads)
+        out, start = self._share_grads(ids)
+        losses, tokens = c.comm.gather(out.losses), c.comm.gather(out.tokens)
+        ok = c.finite_rows([c.task[i].id for i in ids], losses, c.comm.gather(_grad_flags(out.grads)))
         if not ok:  # train.nonfinite=skip left out every sample: nothing to step on, the loop skips the step
             raise NonFiniteError(**c.dropped[-1])
         if len(ok) < len(ids):
-            out, ids = _rows(out, ok), [ids[i] for i in ok]
-        metrics = {"loss": float(out.losses.mean()), "tokens": int(out.tokens.sum()), "n_samples": len(planned.ids)}
+            mine = [i - start for i in ok if start <= i < start + len(out.losses)]
+            start = sum(1 for i in ok if i < start)
+            out, ids, losses, tokens = _rows(out, mine), [ids[i] for i in ok], losses[ok], tokens[ok]
+        metrics = {"loss": float(losses.mean()), "tokens": int(tokens.sum()), "n_samples": len(planned.ids)}
         if planned.phase == "warmup":
-            g = out.grads.mean(dim=0)
+            g = _shared_mean(c.comm, out.grads, len(ids))
             self.d_t += g
             set_grads(c.params, g)
             metrics.update(trained_samples=len(ids), trained_tokens=metrics["tokens"])
             if c.selection_log:
                 c.selection_log.write({"kind": "warmup", "step": planned.index,
-                                       "ids": [c.task[i].id for i in ids], "losses": out.losses.tolist(),
-                                       "tokens": out.tokens.tolist()})
+                                       "ids": [c.task[i].id for i in ids], "losses": losses.tolist(),
+                                       "tokens": tokens.tolist()})
             return metrics
 
-        cos = cosines(out.grads, self.g_r)
+        cos = c.comm.gather(cosines(out.grads, self.g_r))
         if cfg.score_norm == "zscore":
-            scores = task_scores(standardize(out.losses), standardize(cos), cfg.mu_task, cfg.nu)
+            scores = task_scores(standardize(losses), standardize(cos), cfg.mu_task, cfg.nu)
         else:
-            scores = task_scores(out.losses, cos, cfg.mu_task, cfg.nu)
-        sel = select_task(scores, cfg.k_task, cfg.mode, cfg.tau_task, tokens=out.tokens.tolist(), budget=cfg.budget)
-        g_t = weighted_direction(out.grads[sel.index], sel.weights)
+            scores = task_scores(losses, cos, cfg.mu_task, cfg.nu)
+        sel = select_task(scores, cfg.k_task, cfg.mode, cfg.tau_task, tokens=tokens.tolist(), budget=cfg.budget)
+        g_t = _shared_direction(c.comm, out.grads, start, sel.index, sel.weights)
         self.sum_gt += g_t
         self.n_gt += 1
         step_dir = project_conflict(g_t, self.g_r) if cfg.correction == "project" else g_t
         set_grads(c.params, step_dir + cfg.rho * self.g_r)
-        kept_losses = [float(out.losses[i]) for i in sel.index]
+        kept_losses = [float(losses[i]) for i in sel.index]
         tr_cos = cosine(g_t, self.g_r)
         if c.selection_log:
             c.selection_log.write({
@@ -316,13 +444,25 @@ class DualSelect:
                 "ids": [c.task[ids[i]].id for i in sel.index], "index": [ids[i] for i in sel.index],
                 "weights": sel.weights, "scores": [float(scores[i]) for i in sel.index], "losses": kept_losses,
                 "cosines": [float(cos[i]) for i in sel.index],
-                "candidates": {"ids": [c.task[i].id for i in ids], "losses": out.losses.tolist(),
-                               "cosines": cos.tolist(), "scores": scores.tolist(), "tokens": out.tokens.tolist()},
+                "candidates": {"ids": [c.task[i].id for i in ids], "losses": losses.tolist(),
+                               "cosines": cos.tolist(), "scores": scores.tolist(), "tokens": tokens.tolist()},
                 "task_ref_cosine": tr_cos,
             })
-        metrics.update(trained_samples=len(sel.index), trained_tokens=int(out.tokens[sel.index].sum()))
+        metrics.update(trained_samples=len(sel.index), trained_tokens=int(tokens[sel.index].sum()))
         metrics.update(kept=len(sel.index), kept_loss=sum(kept_losses) / len(kept_losses), task_ref_cosine=tr_cos)
         return metrics
+
+    def _share_grads(self, ids: list[int]) -> tuple[PerSampleGrads, int]:
+        """Per-sample losses and gradients of this process's share of the batch `ids` (task positions), and the
+        position in the batch of the share's first sample."""
+        c = self.ctx
+        start, end = c.comm.share(len(ids))
+        if end == start:  # a batch smaller than the number of processes leaves some without samples
+            dev, n_params = c.device, sum(p.numel() for p in c.params)
+            return PerSampleGrads(torch.zeros(0, dtype=torch.float32, device=dev),
+                                  torch.zeros(0, dtype=torch.int64, device=dev),
+                                  torch.zeros(0, n_params, dtype=torch.float32, device=dev)), start
+        return self.per_sample_grads([c.task[i] for i in ids[start:end]]), start
 
     def on_epoch_end(self, epoch: int) -> None:
         if epoch >= 1 and self.n_gt > 0 and self.cfg.refresh == "epoch":

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..grads import batch_losses
+import torch
+
+from ..grads import batch_losses, flatten, set_grads
 from ..schedule import PlannedStep, batch_plan
 from . import register
 from .context import TrainContext
@@ -17,11 +19,30 @@ def supervised_step(ctx: TrainContext, batch) -> dict:
     """One SFT update on `batch` (Encoded samples): backward of the mean over samples of each sample's mean
     response NLL, into .grad; returns the step's metrics (every sample and token is trained on). Shared by the
     methods whose training stage is plain SFT on a selected set (dsir, seal, random)."""
+    if ctx.comm.world_size > 1:
+        return _shared_supervised_step(ctx, batch)
     losses, tokens = batch_losses(ctx.model, batch, ctx.pad_id, ctx.device, ctx.autocast)
     loss = losses.mean()
     loss.backward()
     n_tok = int(tokens.sum())
     return {"loss": loss.item(), "tokens": n_tok, "n_samples": len(batch), "trained_samples": len(batch),
+            "trained_tokens": n_tok}
+
+
+def _shared_supervised_step(ctx: TrainContext, batch) -> dict:
+    """supervised_step with the batch shared among several processes (distributed.py): each backpropagates the
+    sum of its own samples' losses divided by the whole batch's size, so the sum over processes of their
+    gradients (summed here; the same on every process) is the gradient of the whole batch's mean loss."""
+    start, end = ctx.comm.share(len(batch))
+    stats = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # this share's loss sum and supervised tokens
+    if end > start:  # a batch smaller than the number of processes leaves some without samples
+        losses, tokens = batch_losses(ctx.model, batch[start:end], ctx.pad_id, ctx.device, ctx.autocast)
+        (losses.sum() / len(batch)).backward()
+        stats = torch.stack([losses.detach().sum().double(), tokens.sum().double()])
+    set_grads(ctx.params, ctx.comm.sum(flatten([p.grad for p in ctx.params], ctx.params)))
+    loss_sum, n_tok = ctx.comm.sum(stats).tolist()
+    n_tok = int(n_tok)
+    return {"loss": loss_sum / len(batch), "tokens": n_tok, "n_samples": len(batch), "trained_samples": len(batch),
             "trained_tokens": n_tok}
 
 

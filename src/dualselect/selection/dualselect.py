@@ -14,7 +14,8 @@ Conventions
   monotone function of the score, so "the k largest weights" and "the k best scores" are the same set;
   ranking by the score avoids ties that appear only because two different weights round (or underflow)
   to the same float.
-* All arithmetic on scores, weights and cosines is done in float64; directions come back as float32.
+* All arithmetic on scores, weights and cosines is done in float64 (float32 on a device without float64, Apple
+  MPS: selection/dtypes.py); directions come back as float32.
 
 Why a running top-k is enough in soft mode
 ------------------------------------------
@@ -39,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .dtypes import wide_dtype
+
 EPS = 1e-12
 
 _MODES = ("hard", "soft")
@@ -56,6 +59,7 @@ __all__ = [
     "select_references",
     "select_task",
     "weighted_direction",
+    "WeightedSum",
     "project_conflict",
     "in_conflict",
     "standardize",
@@ -109,10 +113,10 @@ def _check_int(value: Any, name: str) -> int:
 def _as_vector(values: Any, name: str) -> torch.Tensor:
     """A 1-D float64 CPU tensor of finite values."""
     if isinstance(values, torch.Tensor):
-        t = values.detach().to(device="cpu", dtype=torch.float64)
+        t = values.detach().cpu().to(wide_dtype())
     else:
         try:
-            t = torch.as_tensor(list(values), dtype=torch.float64)
+            t = torch.as_tensor(list(values), dtype=wide_dtype())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name} must be a sequence of numbers ({exc})") from None
     if t.dim() == 0:
@@ -149,8 +153,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> float:
 
     A zero vector on either side gives exactly 0.0, whatever eps (also eps = 0: never 0/0 = NaN).
     """
-    a64 = a.detach().reshape(-1).to(torch.float64)
-    b64 = b.detach().reshape(-1).to(device=a64.device, dtype=torch.float64)
+    a64 = a.detach().reshape(-1).to(wide_dtype(a.device))
+    b64 = b.detach().reshape(-1).to(device=a64.device, dtype=a64.dtype)
     if a64.numel() != b64.numel():
         raise ValueError(f"cosine of tensors with different sizes: {a64.numel()} vs {b64.numel()}")
     norm_a, norm_b = torch.linalg.vector_norm(a64), torch.linalg.vector_norm(b64)
@@ -168,17 +172,17 @@ def cosines(G: torch.Tensor, d: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """
     if G.dim() != 2:
         raise ValueError(f"cosines expects a 2-D matrix G [n, P], got shape {tuple(G.shape)}")
-    d64 = d.detach().reshape(-1).to(device=G.device, dtype=torch.float64)
+    d64 = d.detach().reshape(-1).to(device=G.device, dtype=wide_dtype(G.device))
     n, p = G.shape
     if d64.numel() != p:
         raise ValueError(f"cosines: G has {p} columns but d has {d64.numel()} elements")
-    out = torch.zeros(n, dtype=torch.float64, device=G.device)
+    out = torch.zeros(n, dtype=d64.dtype, device=G.device)
     d_norm = torch.linalg.vector_norm(d64)
     if n == 0 or float(d_norm) == 0.0:
         return out
     rows = max(1, _COSINE_CHUNK_ELEMENTS // max(p, 1))
     for start in range(0, n, rows):
-        block = G[start : start + rows].detach().to(torch.float64)
+        block = G[start : start + rows].detach().to(d64.dtype)
         dots = block @ d64
         norms = torch.linalg.vector_norm(block, dim=1)
         out[start : start + rows] = torch.where(norms > 0, dots / ((norms + eps) * (d_norm + eps)), 0.0)
@@ -316,11 +320,51 @@ def select_task(
 # directions
 
 
+class WeightedSum:
+    """``sum_i w_i g_i / sum_i w_i`` built one gradient at a time: :func:`weighted_direction` without holding the
+    gradients (a refresh adds each chosen gradient as it is computed or released). Holds a float64 accumulator
+    [P] and the weights; the float operations and their order are those of :func:`weighted_direction` on the same
+    rows, so the result has the same bits."""
+
+    def __init__(self) -> None:
+        self._acc: torch.Tensor | None = None
+        self._weights: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def add(self, g: torch.Tensor, weight: float) -> None:
+        w = float(weight)
+        if not math.isfinite(w):
+            raise ValueError(f"weights must be finite, got {weight!r}")
+        if w < 0:
+            raise ValueError("weights must be non-negative")
+        g = g.detach().reshape(-1)
+        if self._acc is None:
+            self._acc = torch.zeros(g.numel(), dtype=wide_dtype(g.device), device=g.device)
+        if g.numel() != self._acc.numel():
+            raise ValueError(f"gradient {len(self)} has {g.numel()} elements, gradient 0 has {self._acc.numel()}")
+        if w != 0.0:
+            self._acc.add_(g.to(device=self._acc.device, dtype=self._acc.dtype), alpha=w)
+        self._weights.append(w)
+
+    def result(self) -> torch.Tensor:
+        """The weighted mean as float32 [P]; the sum is spent (its accumulator is divided in place)."""
+        if self._acc is None:
+            raise ValueError("weighted_direction of an empty selection")
+        total = float(torch.as_tensor(self._weights, dtype=wide_dtype()).sum())
+        if total == 0.0:
+            raise ValueError("weights sum to zero: the weighted direction is undefined")
+        acc, self._acc, self._weights = self._acc, None, []
+        return acc.div_(total).to(torch.float32)
+
+
 def weighted_direction(G: Any, weights: Any) -> torch.Tensor:
     """``sum_i w_i g_i / sum_i w_i`` as a float32 vector [P] (accumulated in float64).
 
     ``G`` is a matrix [n, P] or a sequence of n tensors with P elements each (e.g. the payloads of
-    :class:`RunningTopK`). Weights must be finite, non-negative and not sum to zero.
+    :class:`RunningTopK`; a list is read as it is, never stacked). Weights must be finite, non-negative and not
+    sum to zero.
     """
     rows = list(G) if not isinstance(G, torch.Tensor) else (list(G.unbind(0)) if G.dim() == 2 else None)
     if rows is None:
@@ -332,18 +376,12 @@ def weighted_direction(G: Any, weights: Any) -> torch.Tensor:
         raise ValueError(f"{len(rows)} gradients but {w.numel()} weights")
     if bool((w < 0).any()):
         raise ValueError("weights must be non-negative")
-    total = float(w.sum())
-    if total == 0.0:
+    if float(w.sum()) == 0.0:
         raise ValueError("weights sum to zero: the weighted direction is undefined")
-    first = rows[0].detach().reshape(-1)
-    acc = torch.zeros(first.numel(), dtype=torch.float64, device=first.device)
-    for pos, (wi, g) in enumerate(zip(w.tolist(), rows)):
-        g = g.detach().reshape(-1)
-        if g.numel() != acc.numel():
-            raise ValueError(f"gradient {pos} has {g.numel()} elements, gradient 0 has {acc.numel()}")
-        if wi != 0.0:
-            acc.add_(g.to(device=acc.device, dtype=torch.float64), alpha=wi)
-    return (acc / total).to(torch.float32)
+    acc = WeightedSum()
+    for wi, g in zip(w.tolist(), rows):
+        acc.add(g, wi)
+    return acc.result()
 
 
 def standardize(values: Any) -> torch.Tensor:
@@ -367,8 +405,8 @@ NOISE_RATIO = 1e-6
 
 def in_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> bool:
     """<g_t, g_r> < 0 with g_r above the noise floor (|g_r| > NOISE_RATIO * |g_t|), in float64."""
-    t64 = g_t.detach().reshape(-1).to(torch.float64)
-    r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=torch.float64)
+    t64 = g_t.detach().reshape(-1).to(wide_dtype(g_t.device))
+    r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=t64.dtype)
     if t64.numel() != r64.numel():
         raise ValueError(f"project_conflict: sizes differ ({t64.numel()} vs {r64.numel()})")
     return float(torch.dot(t64, r64)) < 0.0 and float(r64.norm()) > NOISE_RATIO * float(t64.norm())
@@ -384,8 +422,8 @@ def project_conflict(g_t: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
     """
     if not in_conflict(g_t, g_r):
         return g_t
-    t64 = g_t.detach().reshape(-1).to(torch.float64)
-    r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=torch.float64)
+    t64 = g_t.detach().reshape(-1).to(wide_dtype(g_t.device))
+    r64 = g_r.detach().reshape(-1).to(device=t64.device, dtype=t64.dtype)
     out = t64 - (float(torch.dot(t64, r64)) / float(torch.dot(r64, r64))) * r64
     return out.to(g_t.dtype).reshape(g_t.shape)
 
@@ -424,7 +462,10 @@ class RunningTopK:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, score: float, index: int, payload: Any) -> None:
+    def push(self, score: float, index: int, payload: Any) -> Any:
+        """Add one scored candidate. Returns the payload this push drops (None when nothing is dropped): the old
+        worst one's when this one enters a full top k, this one's when it does not enter (so that a caller keeping
+        payloads in fixed slots knows which slot is free again)."""
         score = float(score)
         if not math.isfinite(score):
             raise ValueError(f"score of index {index} must be finite, got {score}")
@@ -443,9 +484,15 @@ class RunningTopK:
         entry = (score, -index, payload)
         if len(self._heap) < self.k:
             heapq.heappush(self._heap, entry)
-        elif entry[:2] > self._heap[0][:2]:
-            heapq.heapreplace(self._heap, entry)  # the old worst (and its payload) is dropped here
-        # else: not among the k best; the payload is not kept
+            return None
+        if entry[:2] > self._heap[0][:2]:
+            return heapq.heapreplace(self._heap, entry)[2]  # the old worst (and its payload) is dropped here
+        return payload  # not among the k best; the payload is not kept
+
+    def admits(self, score: float, index: int) -> bool:
+        """Whether ``push(score, index, payload)`` would keep the payload now: a caller can skip making a payload
+        (e.g. copying a gradient) that would be dropped at once, and push ``None`` instead."""
+        return len(self._heap) < self.k or (float(score), -index) > self._heap[0][:2]
 
     def log_normalizer(self) -> float:
         """``log sum exp(s / tau)`` over every pushed score (soft mode; -inf before any push)."""
