@@ -13,7 +13,8 @@ n % W processes take n // W + 1 samples, the others n // W (W processes; a proce
 concatenating the blocks of processes 0..W-1 gives the batch back in order, and `gather` returns per-sample
 values in global batch order. Each process computes its samples' losses and gradients; the methods sum-reduce
 their shares into the update of the whole batch, so every process applies the same update and the
-parameters stay identical (train.py checks this at the end of a run).
+parameters stay identical (train.py checks this at the end of a run). DualSelect's reference refresh shares its
+candidate list the same way (methods/dualselect.py, _shared_refresh).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dualselect.errors import DualSelectError
 from dualselect.methods import dualselect as ds_method
 from dualselect.methods import method_configs
 from dualselect.methods import sft as sft_method
-from dualselect.methods.context import NonFiniteError, nonfinite_rows
+from dualselect.methods.context import NonFiniteError, nonfinite_grad_rows, nonfinite_rows
 from dualselect.schedule import batch_plan
 from dualselect.selection.dualselect import cosine, cosines
 from dualselect.train import train
@@ -94,6 +94,13 @@ def test_nonfinite_rows_names_rows_and_what():
     assert nonfinite_rows(losses) == ([1], "loss")
     assert nonfinite_rows(torch.ones(4), grads) == ([2], "gradient")
     assert nonfinite_rows(torch.ones(4), torch.ones(4, 3)) == ([], "")
+    # the gradients are checked a few rows at a time: the same rows as a check of the whole matrix at once
+    g = torch.randn(7, 5, 2)
+    g[0, 4, 1], g[3, 0, 0], g[6, 2, 1] = NAN, INF, -INF
+    assert torch.equal(nonfinite_grad_rows(g), ~torch.isfinite(g.reshape(7, -1)).all(dim=1))
+    assert nonfinite_rows(torch.ones(7), g) == ([0, 3, 6], "gradient")
+    assert nonfinite_grad_rows(torch.zeros(0, 5)).shape == (0,)
+    assert nonfinite_rows(torch.ones(0), torch.ones(0, 5)) == ([], "")
 
 
 # ------------------------------------------------------------------------------------------- sft

@@ -30,12 +30,24 @@ def show_ids(ids: list[str], most: int = 20) -> str:
     return ", ".join(ids[:most]) + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
+# Rows of a gradient matrix checked for NaN/inf at a time (bounds the boolean temporaries to this many rows).
+_CHECK_ROWS = 2
+
+
+def nonfinite_grad_rows(grads: torch.Tensor) -> torch.Tensor:
+    """[n] bool: whether row i of `grads` (a [n, ...] tensor) holds a NaN or inf, checked a few rows at a time."""
+    g = grads.detach().flatten(1) if grads.dim() > 1 else grads.detach().reshape(-1, 1)
+    bad = torch.zeros(len(g), dtype=torch.bool, device=g.device)
+    for s in range(0, len(g), _CHECK_ROWS):
+        bad[s:s + _CHECK_ROWS] = ~torch.isfinite(g[s:s + _CHECK_ROWS]).all(dim=1)
+    return bad
+
+
 def nonfinite_rows(losses: torch.Tensor, grads: torch.Tensor | None = None) -> tuple[list[int], str]:
     """The rows holding a NaN or inf: positions i where losses[i] or any of grads[i] (a [n, ...] tensor) is not
     finite, and what was ("loss", "gradient" or "loss and gradient"; "" when every row is finite)."""
     bad_loss = ~torch.isfinite(losses.detach().reshape(len(losses)))
-    bad_grad = (~torch.isfinite(grads.detach().reshape(len(grads), -1)).all(dim=1) if grads is not None
-                else torch.zeros_like(bad_loss))
+    bad_grad = nonfinite_grad_rows(grads) if grads is not None else torch.zeros_like(bad_loss)
     what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient", bad_grad)) if bool(bad.any()))
     return (bad_loss | bad_grad.to(bad_loss.device)).nonzero().flatten().tolist(), what
 
