@@ -44,9 +44,12 @@ def test_deterministic_blockwise_and_seeded(monkeypatch):
     full = rademacher_rows(3, 0, 3000, 48)
     assert torch.equal(rademacher_rows(3, 7, 9, 48), full[7:16])  # rows do not depend on the block they are made in
     exact = x.double() @ full.double()
-    torch.testing.assert_close(whole, exact, rtol=0, atol=1e-5)  # float32 products of each block, summed in float64
+    # float32 products of each block, summed in float64: within the worst-case float32 dot-product bound
+    # n * u * (|x| @ |S|) (u = 2**-24; the kernel's summation order varies with threads and allocator)
+    bound = 3000 * 2.0 ** -24 * (x.double().abs() @ full.double().abs())
+    assert bool(((whole - exact).abs() <= bound).all())
     monkeypatch.setattr(projection, "BLOCK_ELEMENTS", 7 * 48)  # blocks of 7 rows: the same S
-    torch.testing.assert_close(project(x, 48, seed=3), exact, rtol=0, atol=1e-5)
+    assert bool(((project(x, 48, seed=3) - exact).abs() <= bound).all())
     monkeypatch.undo()
     # another seed, even the next one, gives an unrelated matrix (its stream starts elsewhere)
     a, b = rademacher_rows(3, 0, 3000, 48), rademacher_rows(4, 0, 3000, 48)
