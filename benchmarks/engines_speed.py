@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common import cpu_facts
 from grads_speed import load, machine_facts, machine_line
 
 from dualselect import models
@@ -62,7 +63,7 @@ def run(args) -> dict:
                       "max_abs_diff_to_loop": diffs[name]} for name, s in seconds.items()}
     return {"config": {"model": "tiny" if args.tiny else args.model, "precision": precision, "batch": args.batch,
                        "batches": args.batches, "lengths": [min(lengths), max(lengths)]},
-            "machine": {**machine_facts(device), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+            "machine": {**machine_facts(device), **cpu_facts(device)},
             "results": results}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from common import tiny_model_dir
 from grads_speed import machine_facts, machine_line
 
 from dualselect import models
@@ -57,13 +58,7 @@ def run(args) -> dict:
     unsafe = [r["id"] for r in read_jsonl(data["task_train"]) if r.get("flag") == "unsafe"]
     harmful_ids = work / "harmful_ids.txt"
     harmful_ids.write_text("\n".join(unsafe) + "\n")
-    if args.tiny:
-        tok = models.load_tokenizer(models.DEFAULT_MODEL)
-        model_dir = work / "tiny"
-        models.tiny_llama(len(tok), seed=0).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-    else:
-        model_dir = args.model
+    model_dir = tiny_model_dir(work / "tiny") if args.tiny else args.model
     results = {}
     for name, (method, extra) in METHODS.items():
         if name == "toss":

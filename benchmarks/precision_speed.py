@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from common import cpu_facts
 from grads_speed import load, machine_facts, machine_line, random_samples
 
 from dualselect import models
@@ -72,13 +73,11 @@ def run(args) -> dict:
         results[w] = {"median_s": med, "times_s": {p: times[(w, p)] for p in PRECISIONS},
                       "bf16_over_fp32": med["bf16-autocast"] / med["fp32"]}
     choice = models.choose_precision("auto", device)
-    flags = sorted(models.NATIVE_BF16_FLAGS & models.cpu_flags()) if device.type == "cpu" else []
     return {
         "config": {"model": "tiny" if args.tiny else args.model, "batch": args.batch, "prompt_len": args.prompt_len,
                    "response_len": args.response_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                    "lora_r": args.lora_r},
-        "machine": {**machine_facts(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "native_bf16_flags": flags},
+        "machine": {**machine_facts(device), **cpu_facts(device)},
         "auto": {"precision": choice.precision, "reason": choice.reason},
         "results": results,
     }

@@ -40,7 +40,6 @@ import hashlib
 import itertools
 import json
 import logging
-import platform
 import re
 import shutil
 import time
@@ -428,8 +427,7 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     aligned, align_data = align_stage(bench, base, label, registry)
     notes = []
     if bench.archive and aligned is not None:
-        if warning := bench_archive.check_aligned(Path(bench.archive), aligned, platform.processor() or
-                                                  platform.machine()):
+        if warning := bench_archive.check_aligned(Path(bench.archive), aligned, models.cpu_name()):
             log.warning("%s", warning)
             notes.append(warning)
     tuned = _tune(bench, cells, base, label, base_overrides, registry, aligned, align_data)

@@ -36,6 +36,9 @@ replay, agem and dualselect-retention. Every stage's eval leaves out the prompts
 Layout: OUTPUT_DIR/{manifest.json, data/, runs/<method>/seed-<s>/<k>-<stage>/{cell.yaml, train/, eval/,
 done.json}, continual.json, report/{report.md, report.html, *.png}}. With `align` (and `align_data`) the
 model is first aligned as a bench alignment stage (bench.align_stage: merged and cached).
+With `archive: DIR` every finished (method, seed) chain is also copied to DIR (bench_archive: logs, verdicts
+and ids, no adapters, no prompt text; meant to be committed) and restored from there by a later run on a
+machine whose output_dir lacks it, so a run of many chains spans sessions (a chain cut off mid-way is rerun).
 {demo_data} in any string of the config stands for OUTPUT_DIR/demo-data, written with continual_data's
 generated tasks (sentiment, arithmetic, topic) and the demo's safety files (offline runs).
 """
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bench, continual_metrics, continual_pool
+from . import bench, bench_archive, continual_metrics, continual_pool, models
 from .config import from_dict, load_config, parse_override, read_config_file
 from .errors import DualSelectError
 from .logs import write_atomic
@@ -152,6 +155,12 @@ class ContinualConfig:
     align_data: list[str] = _opt([], "sources of the alignment data (bench.align_data)")
     demo_seed: int = _opt(0, "seed of the generated data {demo_data} stands for")
     resamples: int = _opt(2000, "bootstrap resamples of the intervals")
+    compare: list[list[str]] | None = _opt(None, "pairs [method, baseline]: the report's paired differences (seed "
+                                                 "as the unit) of average accuracy, BWT and last-stage safety; "
+                                                 "default: every method against the first")
+    archive: str | None = _opt(None, "directory (meant to be committed) that gets a compact copy of every finished "
+                                     "(method, seed) chain: its stages' logs and verdicts, no adapters, no prompt "
+                                     "text; a later run restores the chains its output_dir lacks (bench.archive)")
 
     def __post_init__(self):
         if len(self.stages) < 2:
@@ -193,6 +202,19 @@ class ContinualConfig:
             raise ValueError("align_data is set but align is not (give align: [] for the defaults)")
         if self.resamples < 1:
             raise ValueError("resamples must be >= 1")
+        for pair in self.compare or []:
+            if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"compare: {pair!r} must be a pair [method, baseline] of two different methods")
+            for m in pair:
+                if m not in self.methods:
+                    raise ValueError(f"compare: {m!r} is not a method (methods: {', '.join(self.methods)})")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The paired comparisons: `compare`, or every method against the first."""
+        if self.compare is not None:
+            return [(m, b) for m, b in self.compare]
+        first = next(iter(self.methods))
+        return [(m, first) for m in self.methods if m != first]
 
 
 def _raw_value(text: str) -> str:
@@ -488,26 +510,53 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
         bc = bench.BenchConfig(output_dir=cc.output_dir, grid={"stage": {"all": []}}, align=cc.align,
                                align_data=cc.align_data)
         aligned, align_data = bench.align_stage(bc, base, label, registry)
+    out = Path(cc.output_dir)
+    notes = []
+    if cc.archive:
+        bench_archive.restore(Path(cc.archive), out)
+        if aligned is not None and (warning := bench_archive.check_aligned(Path(cc.archive), aligned,
+                                                                           models.cpu_name())):
+            log.warning("%s", warning)
+            notes.append(warning)
     data = prepare_data(cc, base, label, base_overrides, registry)
     cells = plan(cc, base, label, base_overrides, registry, data, aligned, align_data)
-    out = Path(cc.output_dir)
     write_atomic(out / MANIFEST, json.dumps({"config": str(path), "overrides": list(overrides), "stages": data.facts,
                                              "aligned": str(aligned) if aligned else None,
                                              "cells": [str(c.path) for c, _ in cells]}, indent=2) + "\n")
     todo = [(c, cfg) for c, cfg in cells if not (c.path / bench.DONE).exists()]
     log.info("continual %s: %d stage runs, %d done, %d to run", out, len(cells), len(cells) - len(todo), len(todo))
+    n = len(cc.stages)
+    if cc.archive:  # chains finished before the archive was set
+        for i in range(0, len(cells), n):
+            if all((c.path / bench.DONE).exists() for c, _ in cells[i:i + n]):
+                _archive_chain(cc, [c for c, _ in cells[i:i + n]])
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), disable=quiet, desc="continual", unit="stage")
     for cell, cfg in todo:
         log.info("stage %s of %s, seed %s", cell.labels["stage"], cell.method, cell.labels[bench.SEED_AXIS])
+        if cfg.model.init_adapter and not Path(cfg.model.init_adapter).exists():
+            raise DualSelectError(f"{cell.path}: its previous stage has no adapter ({cfg.model.init_adapter}); it was "
+                                  "restored from the archive, which keeps none: delete that stage's directory "
+                                  "(and the archive's copy) to train it again")
         bench.run_cell(cell, cfg)
         bar.update(1)
+        k = next(i for i, s in enumerate(cc.stages) if s.name == cell.labels["stage"])
+        if cc.archive and k == n - 1:
+            _archive_chain(cc, [cell_of(cc, cell.method, int(cell.labels[bench.SEED_AXIS]), j) for j in range(n)])
     bar.close()
     result = collect(cc, data, cells)
+    result["notes"] = notes
     write_atomic(out / RESULTS, json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     from . import continual_report
 
     written = continual_report.write_report(result, out / "report")
     return {"result": result, "path": out / RESULTS, **written}
+
+
+def _archive_chain(cc: ContinualConfig, chain: list[bench.Cell]) -> None:
+    """A finished (method, seed) chain into the archive: every stage, its done.json last (a chain is archived
+    whole, as its adapters are not: a restored stage cannot start the next one)."""
+    for cell in chain:
+        bench_archive.save_unit(cell.path, Path(cc.output_dir), Path(cc.archive))
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -543,12 +592,14 @@ def collect(cc: ContinualConfig, data: StageData, cells: list) -> dict:
             for (k, r), counts in sorted(refs.items())]
         summary["train_method"] = next(cfg.train.method for c, cfg in cells if c.method == method)
         methods[method] = summary
+    comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()]
     from .eval.report import MIN_SEEDS, SEEDS_WARNING
 
     return {"format": FORMAT, "output_dir": cc.output_dir, "stages": data.facts, "seeds": list(cc.seeds),
             "retention": {"per_stage": cc.retention.per_stage, "quotas": cc.retention.quotas,
                           "seed": cc.retention.seed},
             "task_benchmarks": task_benchmarks, "safety_benchmarks": safety, "methods": methods,
+            "comparisons": comparisons,
             "method_overrides": {m: list(o) for m, o in cc.methods.items()},
             "warning": SEEDS_WARNING if len(cc.seeds) < MIN_SEEDS else None,
             "bootstrap": {"resamples": cc.resamples, "confidence": 0.95, "over": "seeds, then prompts"}}

@@ -136,3 +136,17 @@ def summarize_method(stage_names: list[str], task_benchmarks: list[str], safety:
             estimate(per_seed, [(i, name)], lambda m, k=(i, name): m[k], resamples, seed, label, name, str(i))
             for i in range(T)]}
     return out
+
+
+def compare_methods(method: dict, baseline: dict, name: str, baseline_name: str, safety: dict[str, str]) -> dict:
+    """Method minus baseline, the training seed as the unit (eval.report.seed_level_test: a paired t-test of the
+    per-seed differences, seeds paired by position, i.e. by train.seed: the same stage data and retention sample):
+    average accuracy, BWT and every safety metric after the last stage."""
+    figures = {"average accuracy": (method["average_accuracy"], baseline["average_accuracy"]),
+               "BWT": (method["bwt"], baseline["bwt"])}
+    for b, kind in safety.items():
+        label = f"{b} {'refusal' if kind == 'harmful' else 'over-refusal'} (last stage)"
+        figures[label] = (method["safety"][b]["per_stage"][-1], baseline["safety"][b]["per_stage"][-1])
+    return {"method": name, "baseline": baseline_name, "metrics": {
+        label: eval_report.seed_level_test(m["per_seed"] or [], b["per_seed"] or [])
+        for label, (m, b) in figures.items()}}

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import DualSelectError
 from .eval import figures
 from .eval.metrics import interval_text, pct
-from .eval.report import MIN_SEEDS, cell_text, short_name
+from .eval.report import MIN_SEEDS, cell_text, p_text, short_name
 from .logs import write_atomic
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
@@ -81,6 +81,16 @@ def markdown(result: dict) -> str:
                 for m, r in refs]
         lines += [*_table(["method", "stage", "refresh", *sources], rows), ""]
 
+    if result.get("comparisons"):
+        lines += ["## Paired differences", "",
+                  ("Method minus baseline in points, the training seed as the unit: the mean of the per-seed "
+                   "differences (same seed: same stage data and retention sample), a 95 % t interval and the paired "
+                   "t-test's p-value (df = seeds - 1). Over-refusal: lower is better; the others: higher."), ""]
+        rows = [[c["method"], c["baseline"], metric, _signed({"value": t["mean_difference"], "ci95": t["ci95"]})
+                 if t["mean_difference"] is not None else "-", p_text(t["p_value"]), t["test"] or "-"]
+                for c in result["comparisons"] for metric, t in c["metrics"].items()]
+        lines += [*_table(["method", "baseline", "metric", "difference [95 % CI]", "p", "test"], rows), ""]
+
     notes = [f"stage {s['name']}: {s['n_train']} training rows of {s['task']} ({s['n_harmful_pairs']} harmful pairs); "
              f"test {s['benchmark']}" + (f"; pool {s['pool']['by_source']}" if s.get("pool") else "")
              + (f"; replay retains {s['replay']['by_source']}" if s.get("replay") else "") for s in result["stages"]]
@@ -89,6 +99,7 @@ def markdown(result: dict) -> str:
     notes.append(f"retention: per_stage {r['per_stage']}, quotas {r['quotas'] or '-'}, seed {r['seed']}")
     if len(seeds) < MIN_SEEDS:
         notes.append(f"fewer than {MIN_SEEDS} seeds")
+    notes += result.get("notes", [])
     lines += ["## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 

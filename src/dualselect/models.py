@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -126,6 +127,22 @@ def cpu_flags() -> frozenset[str]:
         if key.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return frozenset()
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its native bf16 flags (what decides float rounding and precision=auto here), e.g.
+    "Intel(R) Xeon(R) Processor, x86_64, native bf16: amx_bf16 avx512_bf16"; the architecture alone where unknown."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware"):
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    bf16 = " ".join(sorted(NATIVE_BF16_FLAGS & cpu_flags())) or "none"
+    return ", ".join(x for x in (name, platform.machine(), f"native bf16: {bf16}") if x)
 
 
 def bf16_probe(size: int = 384, repeats: int = 3) -> tuple[float, float]:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import models
 from .logs import write_atomic
 
 PACKAGES = ("dualselect", "torch", "transformers", "peft", "safetensors", "tokenizers", "accelerate", "gguf",
@@ -55,7 +56,7 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reas
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
+        "machine": {"platform": platform.platform(), "cpu": models.cpu_name(), "cpu_count": os.cpu_count(), "device": str(device),
                     "precision": precision, "precision_reason": precision_reason,
                     "allocator": allocator(), "torch_threads": _threads()},
         "seed": cfg.train.seed,

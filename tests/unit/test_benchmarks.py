@@ -92,3 +92,38 @@ def test_engines_speed_on_demo_rows(tmp_path):
     assert hi > lo  # mixed lengths, the case the length groups are for
     for r in report["results"].values():
         assert r["mean_s"] > 0 and r["max_abs_diff_to_loop"] < 1e-4  # the same gradients
+
+
+def test_performance_reports_every_ratio_and_target(tmp_path):
+    report = _run("performance", ["--repeats", "2", "--batches", "2", "--refresh-repeats", "1",
+                                  "--settings", "demo", "protocol", "--protocol-n-task", "20"], tmp_path, timeout=300)
+    precisions = report["precisions"]
+    assert precisions[0] == "fp32" and len(precisions) == len(set(precisions)) <= 2
+    for prec in precisions:
+        steps = report["steps"][prec]
+        assert set(steps) == {"sft", "dualselect-loop", "dualselect-factored"}
+        assert steps["sft"]["ratio_to_sft"] == 1.0
+        for r in steps.values():
+            assert len(r["times_s"]) == 2 and r["min_s"] <= r["median_s"] and r["ratio_to_sft"] > 0
+        loop, sft = steps["dualselect-loop"]["times_s"], steps["sft"]["times_s"]
+        assert steps["dualselect-loop"]["ratio_to_sft"] == (loop[0] / sft[0] + loop[1] / sft[1]) / 2  # paired
+        ref = report["refresh"][prec]
+        assert set(ref["engines"]) == {"loop", "factored"}
+        assert ref["sft_samples_per_s"] == 8 / steps["sft"]["median_s"]
+        for r in ref["engines"].values():
+            assert r["refs_per_s"] == report["n_reference"] / r["median_s"]
+            assert r["ratio_to_sft_samples_per_s"] == r["refs_per_s"] / ref["sft_samples_per_s"]
+    assert set(report["epochs"]) == {"demo", "protocol"}
+    assert report["epochs"]["protocol"]["setting"]["n_task"] == 20  # the size flag
+    for setting in report["epochs"].values():
+        runs = setting["runs"]
+        assert set(runs) == {"sft", "dualselect", "dualselect_capped", "sft_again"}
+        # sft trains every batch; dualselect adds its warm-up steps and refreshes the references
+        assert runs["dualselect"]["steps"] == runs["sft"]["steps"] + setting["setting"]["warmup"]
+        assert runs["dualselect"]["warmup_s"] > 0 and runs["sft"]["warmup_s"] == 0
+        for r in runs.values():
+            assert r["seconds"] > 0 and r["ratio_to_sft"] > 0
+    names = [t["target"] for t in report["targets"]]
+    assert len(names) == 4 * len(precisions)  # two step ratios and two refresh ratios per precision
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    assert report["machine"]["torch_threads"] == 1 and len(report["machine"]["load_before"]) == 3

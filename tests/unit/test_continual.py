@@ -3,7 +3,9 @@ recipes, and a tiny end-to-end run (2 stages x 2 methods x 1 seed, tiny random L
 stopped between stages and resumed without recomputing the finished ones."""
 
 import copy
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +324,90 @@ def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_mo
     ran.clear()  # a third run recomputes nothing and writes the same numbers
     assert main(["continual", str(path), "--quiet"]) == 0
     assert ran == [] and json.loads((out / "continual.json").read_text()) == result
+
+
+def test_paired_differences_take_the_seed_as_the_unit():
+    def summary(avg, bwt, refusal):
+        est = lambda v: {"value": sum(v) / len(v), "ci95": None, "per_seed": v}
+        return {"average_accuracy": est(avg), "bwt": est(bwt),
+                "safety": {"harmful:h": {"per_stage": [est([0.0] * len(refusal)), est(refusal)]}}}
+    m = summary([0.5, 0.7, 0.9], [-0.1, -0.1, -0.1], [0.8, 0.9, 1.0])
+    b = summary([0.4, 0.5, 0.6], [-0.2, -0.2, -0.2], [0.8, 0.9, 1.0])
+    c = continual_metrics.compare_methods(m, b, "m", "b", {"harmful:h": "harmful"})
+    assert (c["method"], c["baseline"]) == ("m", "b")
+    avg = c["metrics"]["average accuracy"]
+    # per-seed differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3); df 2: p = 1 - t / sqrt(2 + t^2)
+    t = 0.2 / (0.1 / 3 ** 0.5)
+    assert avg["test"] == "paired t over seeds" and avg["df"] == 2
+    assert avg["mean_difference"] == pytest.approx(0.2)
+    assert avg["p_value"] == pytest.approx(1 - t / (2 + t * t) ** 0.5, rel=1e-4)
+    # t quantile 0.975, df 2 = 4.302653
+    assert avg["ci95"] == pytest.approx((0.2 - 4.302653 * 0.1 / 3 ** 0.5, 0.2 + 4.302653 * 0.1 / 3 ** 0.5), rel=1e-4)
+    assert c["metrics"]["BWT"]["ci95"] == pytest.approx((0.1, 0.1))  # the same difference for every seed
+    refusal = c["metrics"]["harmful:h refusal (last stage)"]
+    assert refusal["mean_difference"] == 0.0 and refusal["p_value"] == 1.0
+
+
+def test_compare_pairs_are_checked_and_default_to_the_first_method(tmp_path):
+    cfg = _base(tmp_path / "out")
+    cc = continual.load_continual(_write(tmp_path, cfg))[0]
+    assert cc.pairs() == [("dualselect-retention", "replay")]
+    cfg["continual"]["compare"] = [["replay", "nope"]]
+    with pytest.raises(DualSelectError, match="'nope' is not a method"):
+        continual.load_continual(_write(tmp_path, cfg))
+
+
+def test_finished_chains_are_archived_and_restored_without_recomputing(tmp_path, tiny_model_dir, monkeypatch,
+                                                                     capsys):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    cfg = _base(out, tiny_model_dir)
+    cfg["continual"]["methods"] = {"replay": cfg["continual"]["methods"]["replay"]}
+    cfg["continual"]["retention"] = {"per_stage": 4, "seed": 0}
+    del cfg["dualselect"]
+    cfg["continual"]["seeds"] = [0, 1]
+    cfg["continual"]["archive"] = str(archive)
+    path = _write(tmp_path, cfg)
+    real, ran = bench.run_cell, []
+
+    def stop_in_second_chain(cell, cfg, *a):
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        ran.append(cell.path)
+        return real(cell, cfg, *a)
+
+    monkeypatch.setattr(bench, "run_cell", stop_in_second_chain)
+    assert main(["continual", str(path), "--quiet"]) == 130
+    arch = archive / "runs" / "replay"
+    assert sorted(p.parent.relative_to(arch).as_posix() for p in arch.rglob("done.json")) == \
+        ["seed-0/1-sentiment", "seed-0/2-arithmetic"]  # seed 1's chain stopped after its first stage: not archived
+    assert not list(archive.rglob("adapter*")) and not list(archive.rglob("*.safetensors"))
+    monkeypatch.setattr(bench, "run_cell", real)
+    assert main(["continual", str(path), "--quiet"]) == 0
+    result = json.loads((out / "continual.json").read_text())
+    assert len(list(arch.rglob("done.json"))) == 4
+    prompts = [json.loads(line)["prompt"] for line in
+               (out / "runs/replay/seed-0/2-arithmetic/eval/samples.jsonl").read_text().splitlines()]
+    blob = b"".join(gzip.decompress(p.read_bytes()) for p in archive.rglob("*.gz"))
+    assert prompts and not any(p.encode() in blob for p in prompts)  # ids and verdicts, no prompt text
+
+    shutil.rmtree(out)  # another machine: only the archive is left
+
+    def no_training(cell, cfg, *a):
+        raise AssertionError(f"recomputed {cell.path}")
+    monkeypatch.setattr(bench, "run_cell", no_training)
+    assert main(["continual", str(path), "--quiet"]) == 0
+    again = json.loads((out / "continual.json").read_text())
+    assert again["methods"] == result["methods"] and again["comparisons"] == result["comparisons"]
+
+    # a stage deleted after a restored one: the restored stage has no adapter to start it from, said in one line
+    for root in (out, archive):
+        shutil.rmtree(root / "runs/replay/seed-0/2-arithmetic")
+    capsys.readouterr()
+    assert main(["continual", str(path), "--quiet"]) == 2
+    assert "its previous stage has no adapter" in capsys.readouterr().err
+    for root in (out, archive):  # as it says: the previous stage deleted too, the chain is trained again
+        shutil.rmtree(root / "runs/replay/seed-0/1-sentiment")
+    monkeypatch.setattr(bench, "run_cell", lambda cell, cfg, *a: (ran.append(cell.path), real(cell, cfg, *a))[1])
+    ran.clear()
+    assert main(["continual", str(path), "--quiet"]) == 0
+    assert [p.name for p in ran] == ["1-sentiment", "2-arithmetic"]

@@ -642,7 +642,7 @@ def cell_text(cell: dict | None) -> str:
     return "-" if not cell or cell["value"] is None else f"{pct(cell['value'])} {interval_text(cell['ci95'])}"
 
 
-def _p(p: float | None) -> str:
+def p_text(p: float | None) -> str:
     return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
@@ -685,9 +685,9 @@ def markdown(report: dict) -> str:
             seeds = "/".join(map(str, sd.get("n_seeds", [])))
             rows.append([method, short_name(col["benchmark"]), col["label"], seeds,
                          pct(sd.get("mean_difference"), True), interval_text(sd.get("ci95"), True),
-                         _p(sd.get("p_value")) if sd.get("p_value") is not None else (sd.get("test") or "n/a"),
+                         p_text(sd.get("p_value")) if sd.get("p_value") is not None else (sd.get("test") or "n/a"),
                          str(c["n_prompts"]), pct(c["mean_difference"], True), interval_text(c["ci95"], True),
-                         _p(c["p_value"])])
+                         p_text(c["p_value"])])
     lines += _table(["method", "benchmark", "metric", "seeds", "difference", "95% CI (seeds)", "p (seeds)",
                      "prompts", "difference (prompts)", "95% CI (prompts)", "p (prompts)"], rows) \
         if rows else ["(no other method to compare)"]
