@@ -466,7 +466,7 @@ class DualSelect:
                 for j in good:
                     acc.add_(out.grads[j].to(acc.dtype))
             del out
-        every = comm.gather(torch.tensor(rows, dtype=torch.float64, device=dev).reshape(-1, 4)).cpu()
+        every = comm.gather(torch.tensor(rows, dtype=wide_dtype(dev), device=dev).reshape(-1, 4)).cpu()
         row_of = {int(r[0]): r for r in every.tolist()}
         for i in self._checked(refs, row_of, cand):  # candidate order = scoring order of one process
             seen[i] = (row_of[i][1], row_of[i][2])
@@ -513,7 +513,7 @@ class DualSelect:
                 if flags[j] == 0.0 and math.isfinite(loss) and weight_of[i] != 0.0:
                     acc.add_(out.grads[j].to(acc.dtype), alpha=weight_of[i])
             del out
-        every = self.ctx.comm.gather(torch.tensor(rows, dtype=torch.float64, device=acc.device).reshape(-1, 3)).cpu()
+        every = self.ctx.comm.gather(torch.tensor(rows, dtype=wide_dtype(acc.device), device=acc.device).reshape(-1, 3)).cpu()
         found = self._checked(refs, {int(r[0]): r for r in every.tolist()}, index)
         return found, [weight_of[i] for i in found]
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..data.formatting import Encoded, collate
 from ..grads import batch_losses, flatten, set_grads
 from ..schedule import PlannedStep, batch_plan
+from ..selection.dtypes import wide_dtype
 from ..selection.dualselect import in_conflict, project_conflict
 from . import register
 from .context import TrainContext
@@ -168,8 +169,9 @@ class SafeGrad:
         g_task = self._grad(loss)
 
         g_r = self.g_ref
-        dot = float(torch.dot(g_task.double(), g_r.double()))
-        norms = float(g_task.double().norm()) * float(g_r.double().norm())
+        wide = wide_dtype(g_task.device)  # float64, float32 on a device without it (MPS)
+        dot = float(torch.dot(g_task.to(wide), g_r.to(wide)))
+        norms = float(g_task.to(wide).norm()) * float(g_r.to(wide).norm())
         cos = dot / norms if norms > 0 else 0.0
         conflict = in_conflict(g_task, g_r)
         g = project_conflict(g_task, g_r)

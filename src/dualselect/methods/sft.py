@@ -11,6 +11,7 @@ import torch
 
 from ..grads import batch_losses, flatten, set_grads
 from ..schedule import PlannedStep, batch_plan
+from ..selection.dtypes import wide_dtype
 from . import register
 from .context import TrainContext
 
@@ -34,11 +35,12 @@ def _shared_supervised_step(ctx: TrainContext, batch) -> dict:
     sum of its own samples' losses divided by the whole batch's size, so the sum over processes of their
     gradients (summed here; the same on every process) is the gradient of the whole batch's mean loss."""
     start, end = ctx.comm.share(len(batch))
-    stats = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # this share's loss sum and supervised tokens
+    wide = wide_dtype(ctx.device)
+    stats = torch.zeros(2, dtype=wide, device=ctx.device)  # this share's loss sum and supervised tokens
     if end > start:  # a batch smaller than the number of processes leaves some without samples
         losses, tokens = batch_losses(ctx.model, batch[start:end], ctx.pad_id, ctx.device, ctx.autocast)
         (losses.sum() / len(batch)).backward()
-        stats = torch.stack([losses.detach().sum().double(), tokens.sum().double()])
+        stats = torch.stack([losses.detach().sum().to(wide), tokens.sum().to(wide)])
     set_grads(ctx.params, ctx.comm.sum(flatten([p.grad for p in ctx.params], ctx.params)))
     loss_sum, n_tok = ctx.comm.sum(stats).tolist()
     n_tok = int(n_tok)
