@@ -420,7 +420,7 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     cells = cells_of(bench)
     baselines = _baseline_cells(bench, cells)
     order = {c.name: i for i, c in enumerate(cells)}  # a {baseline} cell needs its baseline trained before its eval
-    cells = select_cells(cells, only or {})
+    grid_cells, cells = cells, select_cells(cells, only or {})
     out = Path(bench.output_dir)
     if bench.archive:
         bench_archive.restore(Path(bench.archive), out)
@@ -444,8 +444,11 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
                                       f"the baseline first in the method axis")
             if ref not in cells:
                 raise DualSelectError(f"{label}: cell {c.name} is compared with {ref.name}, which --only leaves out")
-    unused = [k for k, v in base.items() if k in registry and v not in (None, {})
-              and all(c.train_method != k for c in cells)]
+    # over the whole grid (a method section is used by the cells --only leaves out too)
+    trained = {c.train_method for c in cells} | {
+        cell_config(c, base, label, base_overrides, registry, aligned, align_data, baselines[c.name]).train.method
+        for c in grid_cells if c not in cells}
+    unused = [k for k, v in base.items() if k in registry and v not in (None, {}) and k not in trained]
     if unused:
         raise DualSelectError(f"{label}: section '{unused[0]}' sets options of method '{unused[0]}', but no cell "
                               "of the grid trains it, so they would be ignored")

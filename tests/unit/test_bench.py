@@ -380,3 +380,15 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     record["models"][0]["sha256"] = "0" * 64  # as if the archived cells came from another machine's alignment
     (arch / "aligned.json").write_text(json.dumps(record))
     assert "differ from the archived cells' (000000000000)" in bench.run_bench(path, quiet=True)["markdown"]
+
+
+def test_only_one_method_keeps_the_other_methods_sections(tiny_link):
+    """--only method=sft of a grid whose dualselect section is set: the section belongs to cells --only leaves out,
+    not to no cell (it was refused as unused); a section no cell of the whole grid trains is still refused."""
+    path = bench_yaml(tiny_link)
+    assert main(["bench", str(path), "--quiet", "--only", "method=sft", "--only", "data.harmful_ratio=0.0",
+                 "--only", "train.seed=0"]) == 0
+    assert [p.parent.name for p in (tiny_link / "out").rglob("done.json")] == ["sft__harmful_ratio-0.0__seed-0"]
+    path.write_text(path.read_text().replace("dualselect: [train.method=dualselect]", "random: [train.method=random]"))
+    with pytest.raises(DualSelectError, match="section 'dualselect' sets options of method 'dualselect', but no cell"):
+        bench.run_bench(path, only={"method": ["sft"]})
