@@ -50,7 +50,16 @@ from typing import Any
 import yaml
 
 from . import bench_archive, models
-from .config import dump_yaml, from_dict, load_config, parse_override, read_config_file, to_dict, with_defaults
+from .config import (
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+    read_config_file,
+    to_dict,
+    with_defaults,
+    without_defaults,
+)
 from .errors import DualSelectError
 from .logs import write_atomic
 from .tune import TuneConfig, tune_stage
@@ -333,12 +342,15 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
 
 
 def _align_key(cfg) -> str:
+    """The cache key of an alignment stage: its config's non-default settings (an option the project adds later,
+    at its default, keeps the key), the data file's content hash and the resolved precision."""
     from .data.records import sha256_file
 
     d = _comparable(to_dict(cfg))
     d["train"].pop("output_dir", None)
     task = Path(cfg.data.task)
     d["data"]["task"] = sha256_file(task) if task.is_file() else cfg.data.task
+    d = without_defaults(d, cfg)
     used = models.resolve_precision(cfg.model.precision, models.pick_device(cfg.model.device))
     return hashlib.sha256(json.dumps([d, used], sort_keys=True).encode()).hexdigest()[:16]
 

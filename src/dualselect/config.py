@@ -208,6 +208,12 @@ class TrainConfig:
         "stop", "a NaN or inf loss or gradient: stop (end the run naming the step and its sample ids; checkpoints "
                 "kept, no adapter written) or skip (no update for that step; methods with per-sample gradients "
                 "(dualselect) leave out just the offending samples); ids logged in metrics.jsonl and train.log")
+    shard_base: bool = _opt(
+        False, "in a run of several processes (accelerate launch), shard the frozen base model's weights over them "
+               "(PyTorch FSDP2: each process holds about 1/N of them, a decoder layer's are all-gathered for its "
+               "forward and again for its backward); the LoRA parameters stay replicated, so each method that runs "
+               "in several processes trains what it trains without sharding (both grad engines, with or without "
+               "model.gradient_checkpointing). Refused in one process")
 
     def __post_init__(self) -> None:
         _at_least(self, "epochs", 1)
@@ -780,6 +786,21 @@ def with_defaults(saved: Mapping, cfg: RunConfig) -> dict:
         if isinstance(out.get(name), dict):
             for key, value in _plain(cls()).items():
                 out[name].setdefault(key, value)
+    return out
+
+
+def without_defaults(d: Mapping, cfg: RunConfig) -> dict:
+    """A config mapping with every key that equals its section's default left out (the inverse of with_defaults):
+    what identifies a config across versions of the project, since an option added later (at its default) does not
+    appear in it."""
+    out = json.loads(json.dumps(d))
+    sections = {**CORE_SECTIONS, **EXTRA_SECTIONS}
+    if cfg.method_args is not None:
+        sections[cfg.train.method] = type(cfg.method_args)
+    for name, cls in sections.items():
+        if isinstance(out.get(name), dict):
+            defaults = _plain(cls())
+            out[name] = {k: v for k, v in out[name].items() if k not in defaults or defaults[k] != v}
     return out
 
 

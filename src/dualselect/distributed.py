@@ -15,6 +15,10 @@ values in global batch order. Each process computes its samples' losses and grad
 their shares into the update of the whole batch, so every process applies the same update and the
 parameters stay identical (train.py checks this at the end of a run). DualSelect's reference refresh shares its
 candidate list the same way (methods/dualselect.py, _shared_refresh).
+
+With train.shard_base the frozen base model's weights are sharded over the processes as well (FSDP2; shard_base
+below): the LoRA parameters stay replicated and all of the above is unchanged; every all-gather of weights is agreed
+among the processes first, as they run different numbers of passes between two collectives (Lockstep).
 """
 
 from __future__ import annotations
@@ -60,7 +64,11 @@ class SingleProcess:
 _REFUSED_ENV = {
     "ACCELERATE_MIXED_PRECISION": (("", "no"), "set model.precision instead (accelerate's mixed precision is not used)"),
     "ACCELERATE_DYNAMO_BACKEND": (("", "no"), "torch.compile through accelerate is not supported"),
-    "ACCELERATE_USE_FSDP": (("", "false"), "only DDP-style data parallelism is supported (no FSDP)"),
+    "ACCELERATE_USE_FSDP": (("", "false"), "Accelerate's FSDP would shard the LoRA parameters too and reduce their "
+                                           "gradients itself, which per-sample selection cannot use (its gradients "
+                                           "are gathered and summed by the methods): set train.shard_base=true to "
+                                           "shard just the frozen base model's weights (FSDP2; the adapter stays "
+                                           "replicated)"),
     "ACCELERATE_USE_DEEPSPEED": (("", "false"), "only DDP-style data parallelism is supported (no DeepSpeed)"),
     "ACCELERATE_USE_MEGATRON_LM": (("", "false"), "only DDP-style data parallelism is supported (no Megatron-LM)"),
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": (("", "1"), "no gradient accumulation: the batch is train.batch_size"),
@@ -165,3 +173,220 @@ def same_on_all(comm, params) -> bool:
     check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]).reshape(1, 3)
     every = comm.gather(check)
     return bool((every == every[0]).all())
+
+
+# -- train.shard_base: the frozen base model's weights sharded over the processes (FSDP2) ----------------------------
+#
+# Each decoder layer, then the whole transformers model (its embeddings, final norm and head), is wrapped with
+# PyTorch's FSDP2 `fully_shard`, the trainable (LoRA) parameters passed as `ignored_params`: they stay ordinary
+# replicated tensors, their gradients are the methods' to gather and sum as without sharding, and the optimizer
+# never sees FSDP. Only the frozen weights are sharded: each process keeps about 1/W of them, and FSDP all-gathers a
+# module's weights before its forward and again before its backward (reshard_after_forward), freeing them after
+# each. The weights are frozen, so there is no gradient reduce-scatter.
+#
+# An all-gather is a collective: every process must issue the same ones in the same order. But between two of the
+# methods' collectives the processes run different numbers of forward and backward passes (uneven or empty shares,
+# one pass per sample in the loop engine, length groups and chunks of their own samples, a refresh's own
+# references). So each all-gather is agreed first (Lockstep): before FSDP would unshard a module (a forward pre-hook,
+# and a hook on the gradients of its outputs for the backward), the process announces the module's number; every
+# round the lowest number announced is all-gathered by every process, kept by those that asked for it and dropped
+# again by the others, which only lend their shard (a process at one of the communicator's collectives announces
+# that, and lends its shards until every process is there). A module a lending process holds unsharded just then (the
+# model mid-forward, the first layer until the end of a backward) is all-gathered again and kept: the values are the
+# same, as the weights never change. Every FSDP all-gather goes through _AgreedAllGather, which refuses one that was
+# not agreed (a hang or the wrong layer's weights otherwise), and FSDP's backward prefetching is switched off (its
+# all-gathers would not be announced).
+
+ONE_PROCESS_SHARDING = ("train.shard_base=true shards the base model's weights over several processes and this run "
+                        "has one: start it with `accelerate launch --multi_gpu --num_processes N` (N >= 2), or set "
+                        "train.shard_base=false")
+
+_ANNOUNCE_GROUP = None  # a gloo process group for the Lockstep's announcements (CPU ints, also next to NCCL)
+
+
+class Lockstep:
+    """Agrees every all-gather of the FSDP modules `modules` (the same list, in the same order, in every process)
+    among the processes (see above). `probes[i]`: (module, name) of a frozen parameter that modules[i] shards,
+    registered as a DTensor while sharded and as a plain tensor while unsharded (FSDP2's documented behaviour)."""
+
+    AT_COLLECTIVE = -1
+
+    def __init__(self, modules: list, probes: list, world_size: int, group):
+        self.modules, self.probes, self.world_size, self._group = modules, probes, world_size, group
+        self.gathering = False  # True during an agreed all-gather (_AgreedAllGather checks it)
+
+    def sharded(self, index: int) -> bool:
+        from torch.distributed.tensor import DTensor
+
+        owner, name = self.probes[index]
+        return isinstance(getattr(owner, name), DTensor)
+
+    def before_unshard(self, index: int) -> None:
+        """FSDP may unshard modules[index] next: if it is sharded, all-gather it now, with every process."""
+        if self.sharded(index):
+            self._request(index)
+
+    def at_collective(self) -> None:
+        """Lend this process's shards until every process has reached the collective that follows."""
+        self._request(self.AT_COLLECTIVE)
+
+    def _request(self, want: int) -> None:
+        import torch.distributed as dist
+
+        mine = torch.tensor([want], dtype=torch.int64)
+        while True:
+            every = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(every, mine, group=self._group)
+            asked = [int(w) for w in every if int(w) != self.AT_COLLECTIVE]
+            if not asked:
+                return
+            first = min(asked)
+            self._all_gather(first, keep=first == want)
+            if first == want:
+                return
+
+    def _all_gather(self, index: int, keep: bool) -> None:
+        module = self.modules[index]
+        held = not self.sharded(index)
+        if held:  # this process holds it unsharded: free it, so that unshard() all-gathers it again
+            module.reshard()
+        self.gathering = True
+        try:
+            module.unshard()
+        finally:
+            self.gathering = False
+        if not (keep or held):
+            module.reshard()
+
+
+class _AgreedAllGather:
+    """FSDP's all-gather (FSDPModule.set_custom_all_gather) that refuses one the Lockstep did not agree on."""
+
+    def __init__(self, lockstep: Lockstep):
+        self.lockstep = lockstep
+
+    def allocate(self, size, *, dtype, device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        import torch.distributed as dist
+
+        if not self.lockstep.gathering:
+            raise RuntimeError("train.shard_base: FSDP started an all-gather that the processes did not agree on (a "
+                               "bug in distributed.Lockstep; the processes would pair it with a different one)")
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        return gather(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+class ShardedProcesses:
+    """The communicator of a run with train.shard_base: AccelerateProcesses' collectives, each after the Lockstep
+    has let every process reach it (lending shards meanwhile). `facts`: run_info.json's shard_base entry."""
+
+    def __init__(self, comm: AccelerateProcesses, lockstep: Lockstep, facts: dict):
+        self._comm, self.lockstep, self.facts = comm, lockstep, facts
+        self.cpu, self.device, self.backend = comm.cpu, comm.device, comm.backend
+        self.world_size, self.rank, self.is_main = comm.world_size, comm.rank, comm.is_main
+
+    def share(self, n: int) -> tuple[int, int]:
+        return self._comm.share(n)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.lockstep.at_collective()
+        return self._comm.gather(t)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.lockstep.at_collective()
+        return self._comm.sum(t)
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        self.lockstep.at_collective()
+        return self._comm.broadcast(t)
+
+    def barrier(self) -> None:
+        self.lockstep.at_collective()
+        self._comm.barrier()
+
+
+def _frozen_param(module, outside=()) -> tuple | None:
+    """(owning module, name) of the first frozen parameter of `module` that is not in one of the modules `outside`."""
+    skip = {id(m) for m in outside}
+    todo = [module]
+    while todo:
+        m = todo.pop(0)
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                return m, name
+        todo += [c for c in m.children() if id(c) not in skip]
+    return None
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors in a module's output (a tensor, or tuples, lists and dicts such as a ModelOutput of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for x in output for t in _tensors(x)]
+    return []
+
+
+def shard_base(model, comm) -> ShardedProcesses:
+    """train.shard_base: shard the frozen weights of `model` (a PEFT model, LoRA added) over the processes of `comm`
+    with FSDP2 (see above); call it before the optimizer is built. Returns the communicator the run must use."""
+    global _ANNOUNCE_GROUP
+    if comm.world_size == 1:
+        raise DualSelectError(ONE_PROCESS_SHARDING)
+    import inspect
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        FSDPModule = fully_shard = None
+    if (fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters
+            or not hasattr(FSDPModule, "set_custom_all_gather")):
+        raise DualSelectError(f"train.shard_base needs PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard) with "
+                              f"ignored_params and FSDPModule.set_custom_all_gather, which torch {torch.__version__} "
+                              "lacks: upgrade torch, or set train.shard_base=false")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise DualSelectError(f"train.shard_base: {type(base).__name__} names no decoder layer class "
+                              "(_no_split_modules) to shard by: set train.shard_base=false")
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    units = [*layers, base]  # each layer, then the model: its own weights are those outside the layers
+    probes = [_frozen_param(m) for m in layers] + [_frozen_param(base, outside=layers)]
+    mesh = init_device_mesh(comm.device.type, (comm.world_size,))
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=trainable)
+    if _ANNOUNCE_GROUP is None:
+        _ANNOUNCE_GROUP = dist.new_group(backend="gloo")
+    sharded = [(m, probe) for m, probe in zip(units, probes) if probe is not None]  # a module with frozen weights
+    lockstep = Lockstep([m for m, _ in sharded], [probe for _, probe in sharded], comm.world_size, _ANNOUNCE_GROUP)
+    for index, module in enumerate(lockstep.modules):
+        module.set_custom_all_gather(_AgreedAllGather(lockstep))
+        module.set_modules_to_backward_prefetch([module])  # prefetch only itself, i.e. nothing (no unagreed ones)
+        module.register_forward_pre_hook(lambda m, args, i=index: lockstep.before_unshard(i), prepend=True)
+        module.register_forward_hook(lambda m, args, out, i=index: _before_backward(lockstep, i, out), prepend=True)
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen)
+    every = comm.gather(torch.tensor([[local]], dtype=torch.int64, device=comm.device)).reshape(-1).tolist()
+    facts = {"sharded": True, "fsdp_modules": len(lockstep.modules), "base_params": sum(p.numel() for p in frozen),
+             "base_params_local": every,  # the frozen parameters each process holds (by process rank)
+             "how": "FSDP2 fully_shard of each decoder layer and the model, LoRA parameters ignored (replicated); "
+                    "every all-gather agreed among the processes first (distributed.Lockstep)"}
+    return ShardedProcesses(comm, lockstep, facts)
+
+
+def _before_backward(lockstep: Lockstep, index: int, output) -> None:
+    """A forward hook run before FSDP's own: hooks the gradients of the module's outputs, ahead of FSDP's pre-backward
+    hooks on them (tensor hooks run in the order they were registered)."""
+    for t in _tensors(output):
+        if t.requires_grad:
+            t.register_hook(lambda grad: lockstep.before_unshard(index))

@@ -49,7 +49,8 @@ def git_commit() -> str | None:
 
 
 def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reason: str, n_trainable: int, data: dict,
-                   plan_steps: int, adapter: dict | None = None, grad_engine: dict | None = None):
+                   plan_steps: int, adapter: dict | None = None, grad_engine: dict | None = None,
+                   shard_base: dict | None = None):
     """run_info.json: everything needed to tell two runs apart besides config.yaml."""
     kept = getattr(cfg.method_args, "k_task", 0)  # DualSelect keeps k_task of each batch (<= 0: all)
     info = {
@@ -67,6 +68,9 @@ def write_run_info(run_dir: Path, cfg, *, device, precision: str, precision_reas
         "adapter": adapter,  # the trained adapter's actual settings (read from the model)
         # per-sample gradient engine: requested, used (auto: null until chosen), the probe's seconds per engine
         "grad_engine": grad_engine,
+        # train.shard_base: the frozen base sharded over the processes (FSDP2), the base parameters in all and those
+        # each process holds (by rank); null when not sharded
+        "shard_base": shard_base,
         "data": data,
     }
     write_atomic(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))

@@ -20,7 +20,7 @@ from .config import RunConfig, dump_yaml
 from .data.formatting import encode, encode_all
 from .data.mixing import load_task_examples
 from .data.records import load_examples
-from .distributed import SingleProcess, communicator, same_on_all
+from .distributed import ONE_PROCESS_SHARDING, SingleProcess, communicator, same_on_all, shard_base
 from .errors import DualSelectError
 from .grads import AutoEngine, get_engine, trainable_params
 from .logs import JsonlLog, read_jsonl, write_atomic
@@ -32,9 +32,10 @@ log = logging.getLogger("dualselect")
 
 # Keys that may change between an interrupted run and its resumption (besides the eval section).
 # train.nonfinite: a run stopped by a NaN continues with skip; model.trust_remote_code and model.gradient_checkpointing
-# (memory only: the same gradients): absent from older runs' config.yaml and without effect on the result.
+# (memory only: the same gradients): absent from older runs' config.yaml and without effect on the result; so is
+# train.shard_base (memory only; the checkpoints hold the replicated LoRA state either way).
 RESUMABLE_CHANGES = {"train.max_steps", "train.quiet", "train.checkpoint_every", "train.log_every", "train.nonfinite",
-                     "model.trust_remote_code", "model.gradient_checkpointing"}
+                     "model.trust_remote_code", "model.gradient_checkpointing", "train.shard_base"}
 
 # Methods that run in several processes (accelerate launch; distributed.py): their steps share each batch among
 # the processes and sum-reduce the shares (sft's supervised_step, used by random and dsir; dualselect's step).
@@ -161,6 +162,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step=None) -> TrainResult:
     comm = communicator(cpu=models.pick_device(cfg.model.device).type == "cpu")
     if comm.world_size > 1:
         _check_processes(cfg, comm)
+    elif cfg.train.shard_base:
+        raise DualSelectError(ONE_PROCESS_SHARDING)
     run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_run_dir(cfg)
     if resume:
         if not (run_dir / "config.yaml").exists():
@@ -222,6 +225,7 @@ class Setup:
     tokenizer: object
     precision: str
     facts: dict  # data reports for run_info.json
+    sharding: dict | None = None  # train.shard_base: run_info.json's shard_base entry
 
 
 def build(cfg: RunConfig, run_dir: Path, resuming: bool = False, comm=None) -> Setup:
@@ -249,6 +253,8 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False, comm=None) -> S
                                   "eval computes every gradient in eval mode, where transformers does not checkpoint; "
                                   f"set {cfg.train.method}.score_mode=train or model.gradient_checkpointing=false")
         models.enable_gradient_checkpointing(model)
+    if cfg.train.shard_base:  # LoRA added, optimizer not yet built; the run's collectives go through the sharding's
+        comm = shard_base(model, comm)
     model.train()
     ctx = TrainContext(
         model=model, params=trainable_params(model), task=task, reference=reference,
@@ -263,14 +269,15 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False, comm=None) -> S
                                  max_length=cfg.data.max_length),
         nonfinite=cfg.train.nonfinite, comm=comm,
     )
-    return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts})
+    return Setup(ctx, tokenizer, precision, {"task": task_facts, "reference": ref_facts},
+                 sharding=comm.facts if cfg.train.shard_base else None)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float, comm) -> TrainResult:
     from tqdm.auto import tqdm
 
     setup = build(cfg, run_dir, resume, comm)
-    ctx = setup.ctx
+    ctx, comm = setup.ctx, setup.ctx.comm  # train.shard_base: the sharding's communicator
     model, params, quiet = ctx.model, ctx.params, cfg.train.quiet or not comm.is_main
     # only the main process writes the run dir: logs, checkpoints, config, run_info, the adapter
     metrics_log = JsonlLog(run_dir / "metrics.jsonl") if comm.is_main else None
@@ -298,7 +305,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float, comm
                        precision_reason=models.choose_precision(cfg.model.precision, ctx.device).reason,
                        n_trainable=sum(p.numel() for p in params), data=setup.facts, plan_steps=len(plan),
                        adapter=adapter_settings(model, cfg.model.init_adapter),
-                       grad_engine=engine_record)
+                       grad_engine=engine_record, shard_base=setup.sharding)
         if comm.world_size > 1:
             update_run_info(run_dir, "processes", {
                 "count": comm.world_size, "backend": comm.backend,

@@ -392,3 +392,25 @@ def test_only_one_method_keeps_the_other_methods_sections(tiny_link):
     path.write_text(path.read_text().replace("dualselect: [train.method=dualselect]", "random: [train.method=random]"))
     with pytest.raises(DualSelectError, match="section 'dualselect' sets options of method 'dualselect', but no cell"):
         bench.run_bench(path, only={"method": ["sft"]})
+
+
+def test_the_alignment_key_does_not_change_when_an_option_is_added_at_its_default(monkeypatch):
+    """The aligned model is cached under a key of its config; an option the project adds later (at its default) must
+    not change the key, or every cached alignment and every cell started from it would be orphaned."""
+    from dualselect import config as config_mod
+    from dualselect.config import load_config
+
+    def key(*extra):
+        return bench._align_key(load_config(None, ["train.method=sft", "data.task=align.jsonl", "train.epochs=2",
+                                                   *extra], method_configs()))
+    today = key()
+    real = config_mod.to_dict
+
+    def older_version(cfg):  # the same config written by a version that knew fewer options
+        d = real(cfg)
+        del d["train"]["shard_base"], d["model"]["gradient_checkpointing"]
+        return d
+    monkeypatch.setattr(bench, "to_dict", older_version)
+    assert key() == today
+    monkeypatch.setattr(bench, "to_dict", real)
+    assert key("train.epochs=3") != today and key("model.gradient_checkpointing=true") != today

@@ -1,6 +1,7 @@
 """Several processes through Accelerate: `accelerate launch` starts 2 CPU processes (gloo) that run
 `dualselect train` on a tiny random Llama, and each run must equal the one-process run of the same global batch
-(adapter allclose, the same selection-log ids, the same metrics) with even, uneven and empty shares."""
+(adapter allclose, the same selection-log ids, the same metrics) with even, uneven and empty shares; also with the
+frozen base sharded over the processes (train.shard_base, FSDP2)."""
 
 import json
 import os
@@ -52,10 +53,11 @@ RUNS = {
     "dsir": ["train.method=dsir", "data.task_limit=12", "train.batch_size=5", "dsir.keep=0.5", "dsir.mode=topk"],
 }
 
-# Runs every config through the CLI in each launched process, then prints the exit codes. With more arguments
-# (json: {"loss": ids, "grad": ids}; this folder) those samples get a NaN loss / an inf gradient (test_nonfinite's).
+# Runs every config through the CLI in each launched process, then writes the exit codes to codes-RANK.json (a file
+# each: the launcher may interleave the processes' stdout mid-line). With more arguments (json: {"loss": ids, "grad":
+# ids}; this folder) those samples get a NaN loss / an inf gradient (test_nonfinite's).
 DRIVER = """
-import json, sys
+import json, os, sys
 import pytest
 from dualselect.cli import main
 runs = json.loads(open(sys.argv[1]).read())
@@ -66,8 +68,14 @@ if len(sys.argv) > 2:
     _poison_dualselect(pytest.MonkeyPatch(), bad_loss=set(bad["loss"]), bad_grad=set(bad["grad"]))
 
 codes = {name: main(["train", *argv]) for name, argv in runs.items()}
-print("CODES " + json.dumps(codes), flush=True)
+with open(os.path.join(os.path.dirname(sys.argv[1]), f"codes-{os.environ['RANK']}.json"), "w") as f:
+    json.dump(codes, f)
 """
+
+
+def _codes(tmp_path) -> list[dict]:
+    """The exit codes of the launched runs, one dict per process (the driver's codes-RANK.json)."""
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("codes-*.json"))]
 
 
 def _common(model_dir, task, refs):
@@ -83,8 +91,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, runs: dict, poison: dict | None = None) -> subprocess.CompletedProcess:
-    (tmp_path / "driver.py").write_text(DRIVER)
+def _launch(tmp_path, runs: dict, poison: dict | None = None, driver: str = DRIVER,
+            args: tuple = ()) -> subprocess.CompletedProcess:
+    (tmp_path / "driver.py").write_text(driver)
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     if poison:
         (tmp_path / "poison.json").write_text(json.dumps(poison))
@@ -94,7 +103,7 @@ def _launch(tmp_path, runs: dict, poison: dict | None = None) -> subprocess.Comp
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(tmp_path / "driver.py"), str(tmp_path / "runs.json"),
-           *([str(tmp_path / "poison.json"), str(Path(__file__).parent)] if poison else [])]
+           *([str(tmp_path / "poison.json"), str(Path(__file__).parent)] if poison else []), *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
                           check=False)
 
@@ -144,8 +153,8 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, toy_data, t
     launched["toss"] = [*common, "train.method=toss", f"train.output_dir={tmp_path / 'two' / 'toss'}"]
     out = _launch(tmp_path, launched)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    codes = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("CODES ")]
-    assert len(codes) == 2  # one line per process
+    codes = _codes(tmp_path)
+    assert len(codes) == 2  # one file per process
     for c in codes:
         assert c == {**{name: 0 for name in RUNS}, "toss": 2}
     assert "method toss cannot run in several processes yet" in out.stderr
@@ -197,7 +206,7 @@ def test_two_processes_leave_out_the_same_nonfinite_references(tiny_model_dir, t
     launched = {name: [*common, *extra, f"train.output_dir={tmp_path / 'two' / name}"] for name, extra in runs.items()}
     out = _launch(tmp_path, launched, poison=bad)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    codes = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("CODES ")]
+    codes = _codes(tmp_path)
     assert codes == [{"hold": 0, "recompute": 0, "stop": 2, "none-left": 2}] * 2
     assert out.stderr.count("non-finite loss and gradient (NaN or inf) on reference samples r0, r1;") == 2
     assert out.stderr.count("every reference has a NaN or inf loss or gradient") == 2
@@ -235,3 +244,109 @@ def test_a_share_s_top_k_holds_every_global_winner_of_the_share():
                 for i in range(start, end):
                     local.push(scores[i], i, None)
                 assert {i for i in best.index if start <= i < end} <= set(local.result()[0].index)
+
+
+# train.shard_base: the frozen base sharded over the 2 processes (FSDP2). The driver runs the configs (codes-RANK.json
+# as DRIVER's), then _lend_a_held_module (its result in held-RANK.json).
+SHARDED_DRIVER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+from dualselect.cli import main
+from test_distributed import _lend_a_held_module
+
+out, rank = os.path.dirname(sys.argv[1]), os.environ["RANK"]
+runs = json.loads(open(sys.argv[1]).read())
+codes = {name: main(["train", *argv]) for name, argv in runs.items()}
+with open(os.path.join(out, f"codes-{rank}.json"), "w") as f:
+    json.dump(codes, f)
+with open(os.path.join(out, f"held-{rank}.json"), "w") as f:
+    json.dump(_lend_a_held_module(sys.argv[3]), f)
+"""
+
+
+def _lend_a_held_module(model_dir) -> bool:
+    """In each of 2 launched processes: process 0 keeps the model's own weights (embeddings, head) unsharded, as in
+    the middle of its forward, and waits at a collective while process 1 asks for them: process 0 lends them by
+    all-gathering them again. Whether this process ends with them unsharded and equal to the unsharded model's."""
+    from dualselect.distributed import communicator, shard_base
+    from dualselect.models import add_lora, load_model
+
+    model, _, _ = load_model(str(model_dir), "fp32", "cpu")
+    full = model.lm_head.weight.detach().clone()
+    comm = shard_base(add_lora(model, r=4, alpha=8, dropout=0.0), communicator(cpu=True))
+    lock = comm.lockstep
+    root = len(lock.modules) - 1
+    if comm.rank == 0:
+        steps = [lambda: lock.before_unshard(root), lock.at_collective, lock.at_collective]
+    else:
+        steps = [lock.at_collective, lambda: lock.before_unshard(root), lock.at_collective]
+    for step in steps:
+        step()
+    return not lock.sharded(root) and bool(torch.equal(model.lm_head.weight.detach(), full))  # LoRA's base model
+
+
+def _mixed_lengths(task: Path, tmp_path) -> Path:
+    """The toy task with every third answer some 40 tokens long: on a CPU a share's batch then runs as a number of
+    length groups of its own (grads.batch_losses), so the processes run different passes between collectives."""
+    rows = _jsonl(task)
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["messages"][1]["content"] = " ".join(["and then we add one more"] * 6)
+    out = tmp_path / "mixed.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_two_processes_with_the_base_sharded_train_what_one_process_trains(tiny_model_dir, toy_data, tmp_path):
+    """sft (uneven and empty shares, length groups that differ between the processes; also checkpointed, and stopped
+    and resumed) and dualselect with both engines (also checkpointed), the base sharded over 2 processes: each run
+    trains and selects what one process trains and selects, and each process holds half of the base."""
+    task, refs = toy_data
+    common = _common(tiny_model_dir, task, refs)
+    ckpt = ["model.gradient_checkpointing=true"]
+    one = {"sft": [*RUNS["sft"], f"data.task={_mixed_lengths(task, tmp_path)}"], "dualselect": RUNS["dualselect"],
+           "dualselect-factored": [*RUNS["dualselect"], "train.grad_engine=factored"]}
+    # sharded run: (the one-process run it must equal, its settings)
+    two = {"sft": ("sft", one["sft"]), "sft-checkpointed": ("sft", [*one["sft"], *ckpt]),
+           "sft-resumed": ("sft", [*one["sft"], "train.max_steps=1", "train.checkpoint_every=1"]),
+           "dualselect": ("dualselect", one["dualselect"]),
+           "dualselect-checkpointed": ("dualselect", [*one["dualselect"], *ckpt]),
+           "dualselect-factored": ("dualselect-factored", one["dualselect-factored"]),
+           "dualselect-factored-checkpointed": ("dualselect-factored", [*one["dualselect-factored"], *ckpt])}
+    launched = {name: [*common, *extra, "train.shard_base=true", f"train.output_dir={tmp_path / 'two' / name}"]
+                for name, (_, extra) in two.items()}
+    launched["sft-resumed-on"] = ["--resume", *common, *one["sft"], "train.shard_base=true",
+                                  f"train.output_dir={tmp_path / 'two' / 'sft-resumed'}"]
+    out = _launch(tmp_path, launched, driver=SHARDED_DRIVER, args=(str(Path(__file__).parent), str(tiny_model_dir)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert _codes(tmp_path) == [{name: 0 for name in launched}] * 2, out.stderr[-4000:]
+    assert [json.loads(p.read_text()) for p in sorted(tmp_path.glob("held-*.json"))] == [True, True]
+    assert "resumed from" in (tmp_path / "two" / "sft-resumed" / "train.log").read_text()
+
+    one_dir = {name: train(load_config(None, [*common, *extra, f"train.output_dir={tmp_path / 'one' / name}"],
+                                       method_configs())).run_dir for name, extra in one.items()}
+    for name, (same_as, _) in two.items():
+        _assert_same_run(one_dir[same_as], tmp_path / "two" / name)
+        facts = json.loads((tmp_path / "two" / name / "run_info.json").read_text())["shard_base"]
+        assert facts["sharded"] and facts["fsdp_modules"] == 3  # 2 decoder layers and the model's own weights
+        assert sum(facts["base_params_local"]) == facts["base_params"]
+        for held in facts["base_params_local"]:  # by process
+            assert held == pytest.approx(facts["base_params"] / 2, rel=0.01)
+
+
+def test_shard_base_is_refused_in_one_process(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    task, refs = toy_data
+    cfg = load_config(None, [*_common(tiny_model_dir, task, refs), "train.shard_base=true",
+                             f"train.output_dir={tmp_path / 'run'}"], method_configs())
+    with pytest.raises(DualSelectError, match=r"^train.shard_base=true shards the base model's weights over several "
+                                              r"processes and this run has one: start it with `accelerate launch"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_accelerate_fsdp_is_refused_for_shard_base(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(DualSelectError, match="ACCELERATE_USE_FSDP=true: Accelerate's FSDP would shard the LoRA "
+                                              "parameters too .* set train.shard_base=true"):
+        AccelerateProcesses(cpu=True)
