@@ -17,13 +17,14 @@ difference to the engine, and the machine facts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+from common import run_and_print
 
 from dualselect import models
 from dualselect.data.formatting import Encoded
@@ -165,14 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the report to this file")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run(args)
-    print(markdown(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    run_and_print(ap.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

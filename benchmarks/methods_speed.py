@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from common import tiny_model_dir
+from common import run_and_print, tiny_model_dir
 from grads_speed import machine_facts, machine_line
 
 from dualselect import models
@@ -112,14 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the report to this file")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run(args)
-    print(markdown(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    run_and_print(ap.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

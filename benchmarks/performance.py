@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_facts, tiny_model_dir
+from common import cpu_facts, run_and_print, tiny_model_dir
 from grads_speed import machine_facts, machine_line, timed
 
 from dualselect import models
@@ -290,13 +290,7 @@ def main(argv=None) -> None:
     ap.add_argument("--protocol-ref-sample", type=int, help="capped refresh subset of the protocol (default 100)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the report to this file")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run(args)
-    print(markdown(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    run_and_print(ap.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

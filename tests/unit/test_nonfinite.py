@@ -100,6 +100,9 @@ def test_nonfinite_rows_names_rows_and_what():
     assert torch.equal(nonfinite_grad_rows(g), ~torch.isfinite(g.reshape(7, -1)).all(dim=1))
     assert nonfinite_rows(torch.ones(7), g) == ([0, 3, 6], "gradient")
     assert nonfinite_grad_rows(torch.zeros(0, 5)).shape == (0,)
+    # a row-sum prefilter: a finite row whose float32 sum overflows is still finite; +inf and -inf (sum NaN) are not
+    big = torch.tensor([[3e38, 3e38, 1.0], [INF, -INF, 1.0], [1.0, 2.0, 3.0]])
+    assert nonfinite_grad_rows(big).tolist() == [False, True, False]
     assert nonfinite_rows(torch.ones(0), torch.ones(0, 5)) == ([], "")
 
 

@@ -69,12 +69,8 @@ def _rows(out: PerSampleGrads, rows: list[int]) -> PerSampleGrads:
 
 def _grad_flags(grads: torch.Tensor) -> torch.Tensor:
     """[n, 1]: 0 where a row of `grads` [n, P] is finite, inf where not (what finite_rows needs of the gradients,
-    small enough to gather from every process). A NaN or inf makes its row's sum NaN or inf, so only rows whose sum
-    is not finite (also a finite row whose sum overflows) are checked entry by entry: for a batch of 8 SmolLM2
-    gradients 2 ms instead of 73 (2 % of a step on a 2-core CPU)."""
-    bad = ~torch.isfinite(grads.detach().sum(dim=1))
-    if bool(bad.any()):
-        bad[bad.clone()] = nonfinite_grad_rows(grads[bad])
+    small enough to gather from every process)."""
+    bad = nonfinite_grad_rows(grads)
     return torch.zeros(len(grads), 1, device=grads.device).masked_fill(bad.reshape(-1, 1), float("inf"))
 
 
