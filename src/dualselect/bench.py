@@ -561,8 +561,15 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
              for key, w in written.items()]
     if ratio_figures:
         page.append(("Harmful score vs harmful ratio", "", [(cap, png) for _, cap, png in ratio_figures]))
-    write_atomic(out / "report.html", figures.html_page(f"Bench {out}", page))
+    html = figures.html_page(f"Bench {out}", page)
+    write_atomic(out / "report.html", html)
     write_atomic(out / "report.md", text)
+    if bench.archive:  # the report (of the cells this run holds) goes with the archived cells, to be committed
+        dest = Path(bench.archive) / "report"
+        for f in sorted(p for p in (out / "report").rglob("*") if p.is_file()):
+            write_atomic(dest / f.relative_to(out / "report"), f.read_bytes())
+        write_atomic(dest / "report.html", html)
+        write_atomic(dest / "report.md", text)
     return {"tables": written, "markdown": text, "path": out / "report.md", "html": out / "report.html",
             "cells": [json.loads((c.path / DONE).read_text()) for c in cells]}
 

@@ -549,6 +549,10 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
     from . import continual_report
 
     written = continual_report.write_report(result, out / "report")
+    if cc.archive:  # the results and report go with the archived chains, to be committed
+        write_atomic(Path(cc.archive) / RESULTS, (out / RESULTS).read_bytes())
+        for f in sorted(p for p in (out / "report").iterdir() if p.is_file()):
+            write_atomic(Path(cc.archive) / "report" / f.name, f.read_bytes())
     return {"result": result, "path": out / RESULTS, **written}
 
 

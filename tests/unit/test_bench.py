@@ -360,8 +360,11 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     assert len(list(arch.glob("cells/*/done.json"))) == 4 and len(list(arch.glob("tune/random/*/done.json"))) == 2
     assert (arch / "aligned-eval" / "all" / "results.json").exists() and (arch / "aligned.json").exists()
     assert not list(arch.rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
+    # the report goes with the cells (to be committed with them)
+    assert (arch / "report" / "report.md").read_text() == (out / "report.md").read_text()
+    assert (arch / "report" / "all" / "report.json").exists() and (arch / "report" / "report.html").exists()
     blob = b"".join(bench.bench_archive.gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-                    for p in arch.rglob("*") if p.is_file()).decode()
+                    for p in arch.rglob("*") if p.is_file() and p.suffix != ".png").decode()
     assert "How to steal car" not in blob and "What is 3 plus 4" not in blob and '"response"' not in blob
     assert '"refused"' in blob and '"correct"' in blob
 

@@ -385,9 +385,12 @@ def test_finished_chains_are_archived_and_restored_without_recomputing(tmp_path,
     assert main(["continual", str(path), "--quiet"]) == 0
     result = json.loads((out / "continual.json").read_text())
     assert len(list(arch.rglob("done.json"))) == 4
+    assert json.loads((archive / "continual.json").read_text()) == result  # results and report go with the chains
+    assert (archive / "report" / "report.md").read_text() == (out / "report" / "report.md").read_text()
     prompts = [json.loads(line)["prompt"] for line in
                (out / "runs/replay/seed-0/2-arithmetic/eval/samples.jsonl").read_text().splitlines()]
-    blob = b"".join(gzip.decompress(p.read_bytes()) for p in archive.rglob("*.gz"))
+    blob = b"".join(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+                    for p in archive.rglob("*") if p.is_file() and p.suffix != ".png")
     assert prompts and not any(p.encode() in blob for p in prompts)  # ids and verdicts, no prompt text
 
     shutil.rmtree(out)  # another machine: only the archive is left
