@@ -96,8 +96,15 @@ class BenchConfig:
                 "(see dualselect.bench_archive)"})
     resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
     permutations: int = field(default=10000, metadata={"help": "permutations of the report's paired tests"})
+    plot: list[str] | None = field(default=None, metadata={
+        "help": "the axes [X, Y] of each table's safety-utility plot, report columns BENCHMARK/METRIC, e.g. "
+                "[task:sst2:dev[:200]/accuracy, harmful:advbench[:100]/refusal_rate] (default: the report's only "
+                "accuracy and refusal-rate columns; none when it has several)"})
 
     def __post_init__(self) -> None:
+        if self.plot is not None and (len(self.plot) != 2 or not all(isinstance(a, str) and "/" in a
+                                                                      for a in self.plot)):
+            raise ValueError(f"plot must be two report columns [X, Y], each BENCHMARK/METRIC, got {self.plot!r}")
         if not self.grid:
             raise ValueError("bench.grid must name at least one axis")
         for axis, values in self.grid.items():
@@ -456,6 +463,11 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
                                       f"the baseline first in the method axis")
             if ref not in cells:
                 raise DualSelectError(f"{label}: cell {c.name} is compared with {ref.name}, which --only leaves out")
+    for axis in bench.plot or []:
+        name = axis.rsplit("/", 1)[0]
+        if not all(name in configs[c.name].eval.benchmarks for c in cells):
+            raise DualSelectError(f"{label}: bench.plot axis {axis!r}: {name} is not a benchmark of every cell's "
+                                  "eval.benchmarks")
     # over the whole grid (a method section is used by the cells --only leaves out too)
     trained = {c.train_method for c in cells} | {
         cell_config(c, base, label, base_overrides, registry, aligned, align_data, baselines[c.name]).train.method
@@ -543,7 +555,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         if baseline not in runs:
             raise DualSelectError(f"bench.baseline {baseline!r} is not a method of the grid ({', '.join(runs)})")
         rep = report.compare(runs, baseline=baseline, resamples=bench.resamples, permutations=bench.permutations)
-        written[key] = report.write_report(rep, out / "report" / _slug(key))
+        written[key] = report.write_report(rep, out / "report" / _slug(key), *(bench.plot or (None, None)))
     minutes = sum(_seconds(c.path / DONE) for c in cells) / 60
     head = f"{len(cells)} cells; train + eval time of the cells {minutes:.1f} min."
     head += "".join(f"\n\nNote: {n}." for n in notes)

@@ -417,3 +417,21 @@ def test_the_alignment_key_does_not_change_when_an_option_is_added_at_its_defaul
     assert key() == today
     monkeypatch.setattr(bench, "to_dict", real)
     assert key("train.epochs=3") != today and key("model.gradient_checkpointing=true") != today
+
+
+def test_plot_axes_are_applied_and_checked_before_any_cell(tiny_link, capsys):
+    path = bench_yaml(tiny_link)
+    task, harm = f"task:{tiny_link}/evtask.jsonl", f"harmful:{tiny_link}/evharm.jsonl"
+    text = path.read_text()
+    path.write_text(text.replace("  resamples: 200", f"  plot: ['{task}/accuracy', '{harm}/refusal_rate']\n"
+                                                     "  resamples: 200"))
+    only = ["--only", "method=sft", "--only", "data.harmful_ratio=0.0", "--only", "train.seed=0"]
+    assert main(["bench", str(path), "--quiet", *only]) == 0
+    rep = json.loads(next((tiny_link / "out" / "report").glob("*/report.json")).read_text())
+    assert rep["plot"]["x"] == f"{task}/accuracy" and rep["plot"]["y"] == f"{harm}/refusal_rate"
+    assert next((tiny_link / "out" / "report").glob("*/safety_utility.png")).stat().st_size > 0
+    capsys.readouterr()
+    path.write_text(text.replace("  resamples: 200", "  plot: ['task:other.jsonl/accuracy', 'x/y']\n  resamples: 200"))
+    assert main(["bench", str(path), "--quiet", "--only", "method=sft", "--only", "train.seed=1"]) == 2
+    assert "bench.plot axis 'task:other.jsonl/accuracy'" in capsys.readouterr().err
+    assert not (tiny_link / "out" / "cells" / "sft__harmful_ratio-0.0__seed-1").exists()  # refused before any cell
