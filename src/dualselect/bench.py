@@ -449,6 +449,11 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
         if warning := bench_archive.check_aligned(Path(bench.archive), aligned, models.cpu_name()):
             log.warning("%s", warning)
             notes.append(warning)
+    from .eval.run import check_benchmarks
+
+    # every benchmark readable and with prompts left after the overlap check, before hours of runs
+    check_benchmarks(cell_config(c, base, label, base_overrides, registry, aligned, align_data, baselines[c.name])
+                     for c in cells if not (c.path / DONE).exists())
     tuned = _tune(bench, cells, base, label, base_overrides, registry, aligned, align_data)
     for c in cells:
         c.overrides = [*c.overrides, *tuned.get("overrides", {}).get(c.labels.get(METHOD_AXIS), [])]

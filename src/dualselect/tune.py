@@ -7,7 +7,7 @@ on validation prompts only, then run the grid's cells with them.
         seed: 0                   # the training seed of the tuning runs
         at: {data.harmful_ratio: "0.1"}   # the other axes' labels the tuning runs at (default: each axis's first)
         benchmarks: [harmful:advbench[100:200], overrefusal:refusal_direction:harmless_val[:100],
-                     task:sst2:train[60000:60200]]          # validation sets: none of them may be a test set
+                     task:sst2:dev[200:400]]                 # validation sets: none of them may be a test set
         objective: {refusal_rate: 1.0, over_refusal_rate: -1.0, accuracy: 1.0}
         space:                    # method-axis label -> config key -> candidate values
           dualselect: {dualselect.rho: [0.1, 0.2, 0.5], dualselect.k_task: [4, 6]}
@@ -179,6 +179,9 @@ def tune_stage(bench_cfg, cells: list, configure, run_cell, test_benchmarks: lis
     out = Path(bench_cfg.output_dir)
     plan = tune_cells(tune, cells, out, label)
     configs = {c.path: configure(c) for tried in plan.values() for _, c in tried}
+    from .eval.run import check_benchmarks
+
+    check_benchmarks(cfg for path, cfg in configs.items() if not (path / "done.json").exists())
     total = sum(len(t) for t in plan.values())
     log.info("tuning %d methods on validation prompts: %d cells (budget %d each)", len(plan), total, tune.budget)
     chosen, record = {}, {"objective": tune.objective, "benchmarks": tune.benchmarks, "budget": tune.budget,

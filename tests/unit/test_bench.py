@@ -435,3 +435,16 @@ def test_plot_axes_are_applied_and_checked_before_any_cell(tiny_link, capsys):
     assert main(["bench", str(path), "--quiet", "--only", "method=sft", "--only", "train.seed=1"]) == 2
     assert "bench.plot axis 'task:other.jsonl/accuracy'" in capsys.readouterr().err
     assert not (tiny_link / "out" / "cells" / "sft__harmful_ratio-0.0__seed-1").exists()  # refused before any cell
+
+
+def test_a_benchmark_left_without_prompts_is_refused_before_any_run(tiny_link, capsys):
+    """A validation set drawn from the training source (every prompt excluded as overlapping the training data) would
+    train every tuning cell and then score nothing: refused before the first run."""
+    path = bench_yaml(tiny_link)
+    path.write_text(path.read_text().replace(
+        "  resamples: 200", "  tune: {budget: 1, benchmarks: ['harmful:" + f"{tiny_link}/task.jsonl[30:40]'], "
+        "objective: {refusal_rate: 1.0}, space: {dualselect: {dualselect.k_task: [1, 2]}}}\n  resamples: 200"))
+    assert main(["bench", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "task.jsonl[30:40]': every one of its 10 prompts is also a prompt of the training data" in err
+    assert not (tiny_link / "out" / "tune").exists() and not (tiny_link / "out" / "cells").exists()

@@ -184,8 +184,10 @@ def test_named_benchmarks(data_dir):
     ag = load_benchmark("task:ag_news:test", data_dir=str(data_dir), limit=2)
     assert ag.labels == ["World", "Sports", "Business", "Sci/Tech"]
     seen, _ = seen_prompts(["advbench"], data_dir=str(data_dir))
-    adv = load_benchmark("harmful:advbench", data_dir=str(data_dir), seen=seen)
-    assert adv.n_overlap == adv.n_loaded == 520 and adv.items == []
+    with pytest.raises(DualSelectError, match="every one of its 520 prompts is also a prompt of the training data"):
+        load_benchmark("harmful:advbench", data_dir=str(data_dir), seen=seen)  # nothing left to score: refused
+    adv = load_benchmark("harmful:advbench", data_dir=str(data_dir), seen=seen, keep_overlap=True)
+    assert adv.n_overlap == adv.n_loaded == 520 and len(adv.items) == 520
     assert load_benchmark("overrefusal:xstest:safe", data_dir=str(data_dir)).n_loaded == 250
 
 

@@ -196,8 +196,13 @@ def load_benchmark(spec: str, *, data_dir: str | None = None, seen: set[str] | N
     overlapping = [overlap_key(ex.prompt) in seen for ex in examples]
     items = [Item(ex.id, ex.prompt, gold, _context(ex)) for ex, gold, hit in zip(examples, golds, overlapping)
              if keep_overlap or not hit]
+    n_overlap = sum(overlapping)
+    if not items:  # a benchmark with no prompt left would report no value, silently
+        raise DualSelectError(f"eval benchmark '{spec}': every one of its {len(examples)} prompts is also a prompt of "
+                              "the training data (eval.train_files, data.task/reference/harmful: whole sources, not "
+                              "only the rows trained on), so none is left to score: take its rows from a source the "
+                              "training data does not read (e.g. a dev or test split), or set eval.keep_overlap=true")
     if limit is not None:
         items = items[:limit]
-    n_overlap = sum(overlapping)
     return Benchmark(spec, kind, source, items, n_loaded=len(examples), n_overlap=n_overlap,
                      n_excluded=0 if keep_overlap else n_overlap, grader=grader, labels=labels)

@@ -348,6 +348,27 @@ def _train_sources(cfg: RunConfig) -> list[str]:
     return list(dict.fromkeys(s for s in (cfg.data.task, cfg.data.reference, cfg.data.harmful, *cfg.eval.train_files) if s))
 
 
+def load_benchmarks(cfg: RunConfig) -> tuple[list, list]:
+    """(the benchmarks of cfg.eval, each without the prompts the training data holds; the training sources read
+    for that overlap check)."""
+    seen, seen_report = seen_prompts(_train_sources(cfg), data_dir=cfg.data.data_dir, fmt=cfg.data.format,
+                                     columns=cfg.data.columns)
+    ev = cfg.eval
+    return [load_benchmark(spec, data_dir=cfg.data.data_dir, seen=seen, keep_overlap=ev.keep_overlap, limit=ev.limit,
+                           task_grader=ev.task_grader) for spec in ev.benchmarks], seen_report
+
+
+def check_benchmarks(configs) -> None:
+    """Load every distinct (training sources, benchmarks) pair of `configs` once, before any training: a benchmark
+    that cannot be read, or has no prompt left after the overlap check, is refused now, not after hours of runs."""
+    done = set()
+    for cfg in configs:
+        key = json.dumps([_train_sources(cfg), cfg.eval.benchmarks, cfg.data.data_dir, cfg.eval.keep_overlap])
+        if key not in done:
+            done.add(key)
+            load_benchmarks(cfg)
+
+
 def _pairwise_judge(ev):
     if not ev.baseline:
         raise DualSelectError("winrate benchmarks need eval.baseline: a PEFT adapter directory, or 'none' for "
@@ -387,11 +408,7 @@ def evaluate(cfg: RunConfig) -> dict:
     if any(parse_spec(spec)[0] == "winrate" for spec in ev.benchmarks):
         pairwise = _pairwise_judge(ev)
 
-    sources = _train_sources(cfg)
-    seen, seen_report = seen_prompts(sources, data_dir=cfg.data.data_dir, fmt=cfg.data.format,
-                                     columns=cfg.data.columns)
-    benches = [load_benchmark(spec, data_dir=cfg.data.data_dir, seen=seen, keep_overlap=ev.keep_overlap,
-                              limit=ev.limit, task_grader=ev.task_grader) for spec in ev.benchmarks]
+    benches, seen_report = load_benchmarks(cfg)
 
     out_dir = Path(ev.output_dir).expanduser() if ev.output_dir else default_output_dir(cfg)
     decoding = {"strategy": "greedy", "do_sample": False, "template": cfg.data.template,
