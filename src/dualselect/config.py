@@ -197,8 +197,8 @@ class TrainConfig:
     output_dir: str | None = _opt(None, "run directory (unset: chosen by the trainer)")
     grad_engine: Literal["loop", "factored", "auto"] = _opt(
         "loop", "how per-sample gradients are computed: loop (one forward/backward per sample), factored (one padded "
-                "backward per chunk of 8, LoRA gradients from hooked factors; 0.9x the loop's time on a 2-core CPU; "
-                "meant for GPUs, not yet measured there) or auto (the faster of the two for this model and device: "
+                "backward per chunk of 8, LoRA gradients from hooked factors; on a 2-core CPU 0.96x the loop's time "
+                "in fp32, 0.76x under bf16 autocast, docs/performance.md; not yet measured on a GPU) or auto (the faster of the two for this model and device: "
                 "each engine runs twice on the first samples whose gradients the method computes, up to 8, once per "
                 "run; loop where factored does not apply: trainable non-LoRA parameters, DoRA; the choice and the "
                 "timings go to run_info.json and a resumed run keeps it). The engines draw LoRA dropout masks "
