@@ -227,16 +227,21 @@ def cmd_bench(argv: list[str]) -> int:
                         "--only data.harmful_ratio=0.1 --only method=sft,dualselect")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_intermixed_args(argv)
-    only = {}
-    for spec in args.only:
-        axis, sep, labels = spec.partition("=")
-        if not sep or not axis.strip() or not labels.strip():
-            raise DualSelectError(f"--only {spec!r}: expected AXIS=LABEL[,LABEL...], e.g. data.harmful_ratio=0.1")
-        only.setdefault(axis.strip(), []).extend(x.strip() for x in labels.split(",") if x.strip())
-    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
+    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=_only(args.only, "data.harmful_ratio=0.1"))
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
     print(f"report: {result['path']}")
     return 0
+
+
+def _only(specs: list[str], example: str) -> dict[str, list[str]]:
+    """--only AXIS=LABEL[,LABEL...] options (repeatable) -> {axis: [labels]}."""
+    only: dict[str, list[str]] = {}
+    for spec in specs:
+        axis, sep, labels = spec.partition("=")
+        if not sep or not axis.strip() or not labels.strip():
+            raise DualSelectError(f"--only {spec!r}: expected AXIS=LABEL[,LABEL...], e.g. {example}")
+        only.setdefault(axis.strip(), []).extend(x.strip() for x in labels.split(",") if x.strip())
+    return only
 
 
 def cmd_continual(argv: list[str]) -> int:
@@ -248,9 +253,13 @@ def cmd_continual(argv: list[str]) -> int:
     p.add_argument("config", help="continual YAML: a run config plus a continual section")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of every stage run (continual.KEY=VALUE sets the continual section)")
+    p.add_argument("--only", action="append", default=[], metavar="method|seed=LABEL[,LABEL...]",
+                   help="run and report only these methods or seeds (repeatable), e.g. --only method=sft,replay "
+                        "--only seed=0: several processes on disjoint methods use the cores of one machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_intermixed_args(argv)
-    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet)
+    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet,
+                                     only=_only(args.only, "method=sft,replay"))
     print(result["markdown"], end="")
     print(f"results: {result['path']}")
     print(f"report:  {result['report']}")

@@ -495,13 +495,30 @@ def plan(cc: ContinualConfig, base: dict, label: str, base_overrides: list[str],
     return cells
 
 
-def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = False) -> dict:
-    """Run (or resume) every (method, seed) through the stages, then write continual.json and the report."""
+def _selected(cc: ContinualConfig, only: dict[str, list[str]], label: str) -> tuple[list[str], list[int]]:
+    """The methods and seeds --only keeps (all by default); an unknown axis or label is an error."""
+    known = {"method": list(cc.methods), "seed": [str(s) for s in cc.seeds]}
+    for axis, labels in only.items():
+        if axis not in known:
+            raise DualSelectError(f"{label}: --only {axis}=...: the axes are method and seed")
+        unknown = [x for x in labels if x not in known[axis]]
+        if unknown:
+            raise DualSelectError(f"{label}: --only {axis}={unknown[0]}: not a {axis} of the config "
+                                  f"({', '.join(known[axis])})")
+    return ([m for m in cc.methods if m in only.get("method", cc.methods)],
+            [s for s in cc.seeds if str(s) in only.get("seed", known["seed"])])
+
+
+def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = False,
+                  only: dict[str, list[str]] | None = None) -> dict:
+    """Run (or resume) every (method, seed) through the stages, then write continual.json and the report (of the
+    methods and seeds `only` keeps, {"method": [...], "seed": [...]}; all by default)."""
     from tqdm.auto import tqdm
 
     from .methods import method_configs
 
     cc, base, label, base_overrides = load_continual(path, list(overrides))
+    methods, seeds = _selected(cc, only or {}, label)
     if quiet:
         base_overrides += ["train.quiet=true", "eval.quiet=true"]
     registry = method_configs()
@@ -519,7 +536,8 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
             log.warning("%s", warning)
             notes.append(warning)
     data = prepare_data(cc, base, label, base_overrides, registry)
-    cells = plan(cc, base, label, base_overrides, registry, data, aligned, align_data)
+    cells = [(c, cfg) for c, cfg in plan(cc, base, label, base_overrides, registry, data, aligned, align_data)
+             if c.method in methods and int(c.labels[bench.SEED_AXIS]) in seeds]
     write_atomic(out / MANIFEST, json.dumps({"config": str(path), "overrides": list(overrides), "stages": data.facts,
                                              "aligned": str(aligned) if aligned else None,
                                              "cells": [str(c.path) for c, _ in cells]}, indent=2) + "\n")
@@ -543,7 +561,7 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
         if cc.archive and k == n - 1:
             _archive_chain(cc, [cell_of(cc, cell.method, int(cell.labels[bench.SEED_AXIS]), j) for j in range(n)])
     bar.close()
-    result = collect(cc, data, cells)
+    result = collect(cc, data, cells, methods, seeds)
     result["notes"] = notes
     write_atomic(out / RESULTS, json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     from . import continual_report
@@ -565,7 +583,8 @@ def _archive_chain(cc: ContinualConfig, chain: list[bench.Cell]) -> None:
 
 # ------------------------------------------------------------------------------------------ results
 
-def collect(cc: ContinualConfig, data: StageData, cells: list) -> dict:
+def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str] | None = None,
+            seeds: list[int] | None = None) -> dict:
     """continual.json: per method the accuracy matrix, average accuracy, BWT, forgetting and safety per stage
     (means over seeds with 95 % intervals), and per stage the references its refreshes chose, by source."""
     from .eval.prompts import parse_spec
@@ -574,10 +593,11 @@ def collect(cc: ContinualConfig, data: StageData, cells: list) -> dict:
     last_cfg = cells[-1][1]
     safety = {b: parse_spec(b)[0] for b in last_cfg.eval.benchmarks
               if b not in task_benchmarks and parse_spec(b)[0] in ("harmful", "overrefusal")}
+    chosen, seeds = methods or list(cc.methods), seeds or list(cc.seeds)
     methods = {}
-    for method in cc.methods:
+    for method in chosen:
         per_seed, refs = [], {}
-        for seed in cc.seeds:
+        for seed in seeds:
             values = {}
             for k in range(len(cc.stages)):
                 cell = cell_of(cc, method, seed, k)
@@ -596,14 +616,15 @@ def collect(cc: ContinualConfig, data: StageData, cells: list) -> dict:
             for (k, r), counts in sorted(refs.items())]
         summary["train_method"] = next(cfg.train.method for c, cfg in cells if c.method == method)
         methods[method] = summary
-    comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()]
+    comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()
+                   if m in methods and b in methods]
     from .eval.report import MIN_SEEDS, SEEDS_WARNING
 
-    return {"format": FORMAT, "output_dir": cc.output_dir, "stages": data.facts, "seeds": list(cc.seeds),
+    return {"format": FORMAT, "output_dir": cc.output_dir, "stages": data.facts, "seeds": seeds,
             "retention": {"per_stage": cc.retention.per_stage, "quotas": cc.retention.quotas,
                           "seed": cc.retention.seed},
             "task_benchmarks": task_benchmarks, "safety_benchmarks": safety, "methods": methods,
             "comparisons": comparisons,
-            "method_overrides": {m: list(o) for m, o in cc.methods.items()},
-            "warning": SEEDS_WARNING if len(cc.seeds) < MIN_SEEDS else None,
+            "method_overrides": {m: list(cc.methods[m]) for m in methods},
+            "warning": SEEDS_WARNING if len(seeds) < MIN_SEEDS else None,
             "bootstrap": {"resamples": cc.resamples, "confidence": 0.95, "over": "seeds, then prompts"}}

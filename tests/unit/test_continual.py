@@ -414,3 +414,21 @@ def test_finished_chains_are_archived_and_restored_without_recomputing(tmp_path,
     ran.clear()
     assert main(["continual", str(path), "--quiet"]) == 0
     assert [p.name for p in ran] == ["1-sentiment", "2-arithmetic"]
+
+
+def test_only_runs_and_reports_the_chosen_methods(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    out = tmp_path / "out"
+    path = _write(tmp_path, _base(out, tiny_model_dir))
+    ran, real = [], bench.run_cell
+    monkeypatch.setattr(bench, "run_cell", lambda cell, cfg, *a: (ran.append(cell.path), real(cell, cfg, *a))[1])
+    assert main(["continual", str(path), "--quiet", "--only", "method=replay", "--only", "seed=0"]) == 0
+    assert [p.relative_to(out / "runs").as_posix() for p in ran] == ["replay/seed-0/1-sentiment",
+                                                                     "replay/seed-0/2-arithmetic"]
+    result = json.loads((out / "continual.json").read_text())
+    assert list(result["methods"]) == ["replay"] and result["comparisons"] == []  # its pair needs the other method
+    for bad, message in ((["--only", "method=nope"], "--only method=nope: not a method of the config"),
+                         (["--only", "stage=sentiment"], "the axes are method and seed"),
+                         (["--only", "seed"], "expected AXIS=LABEL")):
+        capsys.readouterr()
+        assert main(["continual", str(path), "--quiet", *bad]) == 2
+        assert message in capsys.readouterr().err
