@@ -3,6 +3,7 @@ subprocess, mid-training and mid-eval), and the report at the end. Tiny random L
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -271,8 +272,10 @@ def test_sigkill_mid_training_and_mid_eval_then_resume(tiny_link):
                 (tiny_link / "ref" / "cells" / cell / "eval" / "samples.jsonl").read_text().splitlines()]
         key = lambda r: (r["benchmark"], r["id"])  # noqa: E731
         assert {key(r): r["response"] for r in recs} == {key(r): r["response"] for r in refs}
-    assert (out / "report.md").read_text() == (tiny_link / "ref" / "report.md").read_text().replace(
-        str(tiny_link / "ref"), str(out))
+    def numbers(text):  # the report less its wall times (which differ between the two grids)
+        return re.sub(r"time of the cells [0-9.]+ min", "time of the cells - min", text)
+    assert numbers((out / "report.md").read_text()) == numbers(
+        (tiny_link / "ref" / "report.md").read_text().replace(str(tiny_link / "ref"), str(out)))
 
 
 def test_alignment_stage_feeds_every_cell_and_gets_its_row(tiny_link, tmp_path, monkeypatch):
