@@ -542,6 +542,9 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
                                              "aligned": str(aligned) if aligned else None,
                                              "cells": [str(c.path) for c, _ in cells]}, indent=2) + "\n")
     todo = [(c, cfg) for c, cfg in cells if not (c.path / bench.DONE).exists()]
+    from .eval.run import check_benchmarks
+
+    check_benchmarks(cfg for _, cfg in todo)  # every benchmark readable, with prompts left, before the first run
     log.info("continual %s: %d stage runs, %d done, %d to run", out, len(cells), len(cells) - len(todo), len(todo))
     n = len(cc.stages)
     if cc.archive:  # chains finished before the archive was set
