@@ -504,6 +504,73 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes)
 
 
+def grid_status(path: str | Path, overrides: list[str] = (), only: dict[str, list[str]] | None = None) -> dict:
+    """What a grid has done and what is left, without running anything (`dualselect bench CONFIG --status`):
+    per method its tuning cells and grid cells, finished here (done.json in bench.output_dir) or in the archive
+    (bench.archive, restored by the next run), started but unfinished, and to run; and the compute left,
+    estimated per method from its finished units' train + eval seconds (the tuning cells' for a method with no
+    finished cell; all finished units' mean for a method with none)."""
+    from .tune import tune_cells
+
+    bench, _, label, _ = load_bench(path, list(overrides))
+    out = Path(bench.output_dir)
+    archive = Path(bench.archive) if bench.archive else None
+    cells = select_cells(cells_of(bench), only or {})
+    plan = tune_cells(bench.tune, cells, out, label) if bench.tune else {}
+
+    def state(unit: Path) -> tuple[str, float | None]:
+        for where, d in (("done", unit), ("archived", archive / unit.relative_to(out) if archive else None)):
+            if d is not None and (d / DONE).exists():
+                return where, _seconds(d / DONE)
+        return ("started" if (unit / CELL_CONFIG).exists() else "todo"), None
+
+    rows = {m: {k: {"done": 0, "archived": 0, "started": 0, "todo": 0, "seconds": []} for k in ("tune", "cells")}
+            for m in dict.fromkeys(c.labels.get(METHOD_AXIS, "") for c in cells)}  # the method axis's order
+    for kind, units in (("tune", [(m, c) for m, tried in plan.items() for _, c in tried]),
+                        ("cells", [(c.labels.get(METHOD_AXIS, ""), c) for c in cells])):
+        for method, c in units:
+            row = rows[method]
+            where, seconds = state(c.path)
+            row[kind][where] += 1
+            if seconds is not None:
+                row[kind]["seconds"].append(seconds)
+    everything = [s for r in rows.values() for k in ("tune", "cells") for s in r[k]["seconds"]]
+    total_left = 0.0
+    for row in rows.values():
+        left = 0.0
+        for kind, other in (("tune", "cells"), ("cells", "tune")):
+            n_left = row[kind]["started"] + row[kind]["todo"]
+            known = row[kind]["seconds"] or row[other]["seconds"] or everything
+            if n_left and known:
+                left += n_left * sum(known) / len(known)
+        row["seconds_left"] = left if everything else None
+        total_left += left
+    return {"output_dir": str(out), "archive": str(archive) if archive else None, "methods": rows,
+            "seconds_left": total_left if everything else None}
+
+
+def status_markdown(status: dict) -> str:
+    """The --status table: per method, tuning and grid cells finished / total, and the compute left."""
+    def count(d: dict) -> str:
+        total = d["done"] + d["archived"] + d["started"] + d["todo"]
+        if not total:
+            return "-"
+        extra = [f"{d[k]} {k}" for k in ("archived", "started") if d[k]]
+        return f"{d['done'] + d['archived']}/{total}" + (f" ({', '.join(extra)})" if extra else "")
+
+    def hours(s: float | None) -> str:
+        return "?" if s is None else f"{s / 3600:.1f}"
+
+    lines = [f"Grid {status['output_dir']}" + (f" (archive {status['archive']})" if status["archive"] else ""), "",
+             "| method | tuning finished | cells finished | core-hours left (est.) |", "|---|---|---|---|"]
+    for method, row in status["methods"].items():
+        lines.append(f"| {method} | {count(row['tune'])} | {count(row['cells'])} | {hours(row['seconds_left'])} |")
+    lines += ["", f"Left in all: about {hours(status['seconds_left'])} core-hours of train + eval (from the "
+                  "finished units' times; `archived`: finished on another machine, restored by the next run; "
+                  "`started`: begun, resumed by the next run)."]
+    return "\n".join(lines)
+
+
 def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_overrides: list[str],
           registry: dict, aligned: Path | None, align_data: list[str]) -> dict:
     """bench.tune's stage (dualselect.tune): the tuning cells, scored on validation prompts, before the grid."""

@@ -226,8 +226,15 @@ def cmd_bench(argv: list[str]) -> int:
                    help="run and report only the cells with these labels on an axis (repeatable), e.g. "
                         "--only data.harmful_ratio=0.1 --only method=sft,dualselect")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--status", action="store_true",
+                   help="print what the grid has finished (here and in bench.archive) and the compute left, and "
+                        "run nothing")
     args = p.parse_intermixed_args(argv)
-    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=_only(args.only, "data.harmful_ratio=0.1"))
+    only = _only(args.only, "data.harmful_ratio=0.1")
+    if args.status:
+        print(bench.status_markdown(bench.grid_status(args.config, args.overrides, only=only)))
+        return 0
+    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
     print(f"report: {result['path']}")
     return 0

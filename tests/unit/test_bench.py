@@ -451,3 +451,50 @@ def test_a_benchmark_left_without_prompts_is_refused_before_any_run(tiny_link, c
     err = capsys.readouterr().err
     assert "task.jsonl[30:40]': every one of its 10 prompts is also a prompt of the training data" in err
     assert not (tiny_link / "out" / "tune").exists() and not (tiny_link / "out" / "cells").exists()
+
+
+def _done(d: Path, train: float, ev: float) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "done.json").write_text(json.dumps({"train_seconds": train, "eval_seconds": ev}))
+
+
+def test_status_counts_here_archived_started_and_estimates_what_is_left(tmp_path, capsys):
+    """--status runs nothing: it counts finished units here and in the archive, started ones, and estimates the
+    compute left per method from that method's finished units (hand-computed below)."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"""
+bench:
+  output_dir: {tmp_path / 'out'}
+  archive: {tmp_path / 'arch'}
+  tune:
+    budget: 2
+    benchmarks: ['task:val.jsonl']
+    space: {{dualselect: {{dualselect.rho: [0.1, 0.5]}}}}
+  grid:
+    method: {{sft: [train.method=sft], dualselect: [train.method=dualselect], lisa: [train.method=lisa]}}
+    train.seed: [0, 1]
+""")
+    out, arch = tmp_path / "out", tmp_path / "arch"
+    _done(out / "cells" / "sft__seed-0", 100, 20)            # here
+    _done(arch / "cells" / "sft__seed-1", 200, 40)           # archived only
+    _done(out / "tune" / "dualselect" / "rho-0.1", 500, 100)  # one tuning cell finished
+    (out / "tune" / "dualselect" / "rho-0.5").mkdir(parents=True)
+    (out / "tune" / "dualselect" / "rho-0.5" / "cell.yaml").write_text("{}")  # started
+    (out / "cells" / "dualselect__seed-0").mkdir(parents=True)
+    (out / "cells" / "dualselect__seed-0" / "cell.yaml").write_text("{}")   # started
+    st = bench.grid_status(cfg)
+    assert list(st["methods"]) == ["sft", "dualselect", "lisa"]
+    sft, ds, lisa = (st["methods"][m] for m in ("sft", "dualselect", "lisa"))
+    assert (sft["cells"]["done"], sft["cells"]["archived"], sft["cells"]["todo"]) == (1, 1, 0)
+    assert sft["seconds_left"] == 0
+    assert (ds["tune"]["done"], ds["tune"]["started"], ds["cells"]["started"], ds["cells"]["todo"]) == (1, 1, 1, 1)
+    # dualselect: 1 tuning cell left at its own 600 s, 2 grid cells at the tuning cells' 600 s
+    assert ds["seconds_left"] == pytest.approx(600 + 2 * 600)
+    # lisa has nothing finished: the mean of every finished unit, (120 + 240 + 600) / 3 = 320 s, for 2 cells
+    assert lisa["seconds_left"] == pytest.approx(2 * 320)
+    assert st["seconds_left"] == pytest.approx(1800 + 640)
+    assert not (out / "bench.json").exists() and not (out / "cells" / "sft__seed-1").exists()  # ran nothing
+
+    assert main(["bench", str(cfg), "--status", "--only", "method=sft"]) == 0
+    text = capsys.readouterr().out
+    assert "| sft | - | 2/2 (1 archived) | 0.0 |" in text and "dualselect" not in text
