@@ -386,6 +386,10 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
     from .eval.run import evaluate
 
     out = Path(bench.output_dir) / "aligned-eval" / (_slug("__".join(table.values())) if table else "all")
+    if (out / "results.json").exists() and (changed := _aligned_eval_changed(out, cfg)):
+        log.warning("%s was evaluated with another %s than the grid's cells now use: evaluating the aligned model "
+                    "again", out, changed)
+        shutil.rmtree(out)
     if not (out / "results.json").exists():
         cfg = copy.deepcopy(cfg)
         cfg.eval.adapter, cfg.eval.output_dir = None, str(out)
@@ -393,6 +397,21 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
         if bench.archive:
             bench_archive.save_unit(out, Path(bench.output_dir), Path(bench.archive))
     return out
+
+
+def _aligned_eval_changed(out: Path, cfg) -> str | None:
+    """What of an aligned-model evaluation differs from the eval settings of `cfg` (benchmarks, decoding,
+    eval.limit), or None. (A changed judge or precision is refused by the report.)"""
+    from .eval.run import decoding_of
+
+    results = json.loads((out / "results.json").read_text())
+    if [b["name"] for b in results["benchmarks"]] != list(cfg.eval.benchmarks):
+        return "list of benchmarks"
+    if results.get("decoding") != decoding_of(cfg):
+        return "decoding"
+    if results.get("limit") != cfg.eval.limit:
+        return "eval.limit"
+    return None
 
 
 def select_cells(cells: list[Cell], only: dict[str, list[str]]) -> list[Cell]:

@@ -498,3 +498,35 @@ bench:
     assert main(["bench", str(cfg), "--status", "--only", "method=sft"]) == 0
     text = capsys.readouterr().out
     assert "| sft | - | 2/2 (1 archived) | 0.0 |" in text and "dualselect" not in text
+
+
+def test_aligned_eval_is_redone_when_the_grid_changes_its_eval_settings(tiny_link, monkeypatch):
+    """The aligned row is evaluated once per table and reused; a grid whose eval benchmarks, decoding or limit
+    changed since then evaluates it again instead of reporting an evaluation made with other settings."""
+    from dualselect.config import load_config
+
+    b, base, label, _ = bench.load_bench(bench_yaml(tiny_link))
+    calls = []
+
+    def fake_evaluate(cfg):
+        calls.append(list(cfg.eval.benchmarks))
+        out = Path(cfg.eval.output_dir)
+        out.mkdir(parents=True)
+        from dualselect.eval.run import decoding_of
+        (out / "results.json").write_text(json.dumps({"benchmarks": [{"name": n} for n in cfg.eval.benchmarks],
+                                                      "decoding": decoding_of(cfg), "limit": cfg.eval.limit}))
+    monkeypatch.setattr("dualselect.eval.run.evaluate", fake_evaluate)
+
+    def cfg_with(*overrides):
+        return load_config(None, ["train.method=dualselect", *overrides], method_configs(), raw=base, label=label)
+
+    first = cfg_with()
+    bench._aligned_eval(b, {}, first, tiny_link / "tiny")
+    bench._aligned_eval(b, {}, cfg_with(), tiny_link / "tiny")
+    assert len(calls) == 1  # reused
+    for change in (f"eval.benchmarks=['harmful:{tiny_link}/evharm.jsonl']", "eval.max_new_tokens=5", "eval.limit=3"):
+        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench._aligned_eval(b, {}, first, tiny_link / "tiny")  # back to the first settings: redone again
+    assert len(calls) == 1 + 3 * 2
+    assert calls[1] == [f"harmful:{tiny_link}/evharm.jsonl"]
