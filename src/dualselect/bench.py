@@ -524,52 +524,56 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
 
 
 def grid_status(path: str | Path, overrides: list[str] = (), only: dict[str, list[str]] | None = None) -> dict:
-    """What a grid has done and what is left, without running anything (`dualselect bench CONFIG --status`):
-    per method its tuning cells and grid cells, finished here (done.json in bench.output_dir) or in the archive
-    (bench.archive, restored by the next run), started but unfinished, and to run; and the compute left,
-    estimated per method from its finished units' train + eval seconds (the tuning cells' for a method with no
-    finished cell; all finished units' mean for a method with none)."""
+    """What a grid has done and what is left, without running anything (`dualselect bench CONFIG --status`): per
+    method its tuning cells and grid cells (see unit_status)."""
     from .tune import tune_cells
 
     bench, _, label, _ = load_bench(path, list(overrides))
-    out = Path(bench.output_dir)
-    archive = Path(bench.archive) if bench.archive else None
     cells = select_cells(cells_of(bench), only or {})
-    plan = tune_cells(bench.tune, cells, out, label) if bench.tune else {}
+    plan = tune_cells(bench.tune, cells, Path(bench.output_dir), label) if bench.tune else {}
+    units = [(m, "tuning", c.path) for m, tried in plan.items() for _, c in tried]
+    units += [(c.labels.get(METHOD_AXIS, ""), "cells", c.path) for c in cells]
+    order = list(dict.fromkeys(c.labels.get(METHOD_AXIS, "") for c in cells))  # the method axis's order
+    return unit_status(units, Path(bench.output_dir), Path(bench.archive) if bench.archive else None,
+                       ["tuning", "cells"], order)
 
+
+def unit_status(units: list[tuple[str, str, Path]], out: Path, archive: Path | None, kinds: list[str],
+                order: list[str]) -> dict:
+    """Per row (a method, in `order`) and kind (tuning, cells, stages), the units (row, kind, dir under `out`)
+    finished here (done.json), in the archive (the same relative path under `archive`; restored by the next
+    run), started (cell.yaml, no done.json) or to run; and the compute left, estimated per row from its finished
+    units of the same kind (else of its other kinds, else every finished unit), as train + eval seconds."""
     def state(unit: Path) -> tuple[str, float | None]:
         for where, d in (("done", unit), ("archived", archive / unit.relative_to(out) if archive else None)):
             if d is not None and (d / DONE).exists():
                 return where, _seconds(d / DONE)
         return ("started" if (unit / CELL_CONFIG).exists() else "todo"), None
 
-    rows = {m: {k: {"done": 0, "archived": 0, "started": 0, "todo": 0, "seconds": []} for k in ("tune", "cells")}
-            for m in dict.fromkeys(c.labels.get(METHOD_AXIS, "") for c in cells)}  # the method axis's order
-    for kind, units in (("tune", [(m, c) for m, tried in plan.items() for _, c in tried]),
-                        ("cells", [(c.labels.get(METHOD_AXIS, ""), c) for c in cells])):
-        for method, c in units:
-            row = rows[method]
-            where, seconds = state(c.path)
-            row[kind][where] += 1
-            if seconds is not None:
-                row[kind]["seconds"].append(seconds)
-    everything = [s for r in rows.values() for k in ("tune", "cells") for s in r[k]["seconds"]]
-    total_left = 0.0
+    rows = {m: {k: {"done": 0, "archived": 0, "started": 0, "todo": 0, "seconds": []} for k in kinds}
+            for m in order}
+    for method, kind, path in units:
+        where, seconds = state(path)
+        rows[method][kind][where] += 1
+        if seconds is not None:
+            rows[method][kind]["seconds"].append(seconds)
+    everything = [s for r in rows.values() for k in kinds for s in r[k]["seconds"]]
+    total = 0.0
     for row in rows.values():
         left = 0.0
-        for kind, other in (("tune", "cells"), ("cells", "tune")):
+        for kind in kinds:
             n_left = row[kind]["started"] + row[kind]["todo"]
-            known = row[kind]["seconds"] or row[other]["seconds"] or everything
+            known = row[kind]["seconds"] or [s for k in kinds for s in row[k]["seconds"]] or everything
             if n_left and known:
                 left += n_left * sum(known) / len(known)
         row["seconds_left"] = left if everything else None
-        total_left += left
-    return {"output_dir": str(out), "archive": str(archive) if archive else None, "methods": rows,
-            "seconds_left": total_left if everything else None}
+        total += left
+    return {"output_dir": str(out), "archive": str(archive) if archive else None, "kinds": kinds, "methods": rows,
+            "seconds_left": total if everything else None}
 
 
 def status_markdown(status: dict) -> str:
-    """The --status table: per method, tuning and grid cells finished / total, and the compute left."""
+    """The --status table: per method, each kind's units finished / total, and the compute left."""
     def count(d: dict) -> str:
         total = d["done"] + d["archived"] + d["started"] + d["todo"]
         if not total:
@@ -580,10 +584,12 @@ def status_markdown(status: dict) -> str:
     def hours(s: float | None) -> str:
         return "?" if s is None else f"{s / 3600:.1f}"
 
-    lines = [f"Grid {status['output_dir']}" + (f" (archive {status['archive']})" if status["archive"] else ""), "",
-             "| method | tuning finished | cells finished | core-hours left (est.) |", "|---|---|---|---|"]
+    kinds = status["kinds"]
+    lines = [f"{status['output_dir']}" + (f" (archive {status['archive']})" if status["archive"] else ""), "",
+             "| method | " + " | ".join(f"{k} finished" for k in kinds) + " | core-hours left (est.) |",
+             "|---|" + "---|" * len(kinds) + "---|"]
     for method, row in status["methods"].items():
-        lines.append(f"| {method} | {count(row['tune'])} | {count(row['cells'])} | {hours(row['seconds_left'])} |")
+        lines.append(f"| {method} | " + " | ".join(count(row[k]) for k in kinds) + f" | {hours(row['seconds_left'])} |")
     lines += ["", f"Left in all: about {hours(status['seconds_left'])} core-hours of train + eval (from the "
                   "finished units' times; `archived`: finished on another machine, restored by the next run; "
                   "`started`: begun, resumed by the next run)."]

@@ -264,9 +264,17 @@ def cmd_continual(argv: list[str]) -> int:
                    help="run and report only these methods or seeds (repeatable), e.g. --only method=sft,replay "
                         "--only seed=0: several processes on disjoint methods use the cores of one machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--status", action="store_true",
+                   help="print the stage runs finished (here and in continual.archive) and the compute left, and "
+                        "run nothing")
     args = p.parse_intermixed_args(argv)
-    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet,
-                                     only=_only(args.only, "method=sft,replay"))
+    only = _only(args.only, "method=sft,replay")
+    if args.status:
+        from .bench import status_markdown
+
+        print(status_markdown(continual.continual_status(args.config, args.overrides, only=only)))
+        return 0
+    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="")
     print(f"results: {result['path']}")
     print(f"report:  {result['report']}")

@@ -487,7 +487,7 @@ bench:
     sft, ds, lisa = (st["methods"][m] for m in ("sft", "dualselect", "lisa"))
     assert (sft["cells"]["done"], sft["cells"]["archived"], sft["cells"]["todo"]) == (1, 1, 0)
     assert sft["seconds_left"] == 0
-    assert (ds["tune"]["done"], ds["tune"]["started"], ds["cells"]["started"], ds["cells"]["todo"]) == (1, 1, 1, 1)
+    assert (ds["tuning"]["done"], ds["tuning"]["started"], ds["cells"]["started"], ds["cells"]["todo"]) == (1, 1, 1, 1)
     # dualselect: 1 tuning cell left at its own 600 s, 2 grid cells at the tuning cells' 600 s
     assert ds["seconds_left"] == pytest.approx(600 + 2 * 600)
     # lisa has nothing finished: the mean of every finished unit, (120 + 240 + 600) / 3 = 320 s, for 2 cells
