@@ -147,7 +147,15 @@ def test_bench_runs_resumes_and_reports(tiny_link, monkeypatch):
     assert list(rep["results"]) == ["sft", "dualselect"] and rep["baseline"] == "sft"
     info = json.loads((out / "cells" / "sft__harmful_ratio-0.2__seed-0" / "train" / "run_info.json").read_text())
     assert info["data"]["task"]["n_harmful_pairs"] == 4 and info["data"]["task"]["n_kept"] == 16
-    assert "## data.harmful_ratio=0.0" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## data.harmful_ratio=0.0" in text
+    # DualSelect's task filter per table: the 2 seeds' steps pooled, 4 harmful pairs of 16 seen each epoch
+    filt = text.split("## data.harmful_ratio=0.2")[1].split("### DualSelect's task filter")[1]
+    assert "| dualselect (2 runs) | 1 | 1, 1 |" in filt and "| sft" not in filt
+    from dualselect.eval import task_filter
+    pooled = task_filter.read_method("dualselect", [out / "cells" / f"dualselect__harmful_ratio-0.2__seed-{s}" / "train"
+                                                    for s in (0, 1)])
+    assert pooled["harmful_candidates"] == 2 * 4
     table = out / "report" / "data.harmful_ratio_0.2"
     assert {"training_curves.png", "references-dualselect.png", "report.html"} <= {p.name for p in table.iterdir()}
     ratio_png = [p.name for p in (out / "report").glob("harmful_score_vs_ratio*.png")]

@@ -78,3 +78,6 @@ def test_a_real_run_read_back(tmp_path, tiny_model_dir):
         assert {c["ids"][i] for i in select_task(c["scores"], 2).index} == set(e["ids"])
     text = task_filter.markdown([run])
     assert str(tmp_path / "run") in text and text.count("\n") == 2
+    pooled = task_filter.read_method("dualselect", [tmp_path / "run", tmp_path / "run"])
+    assert pooled["label"] == "dualselect (2 runs)" and pooled["candidates"] == 32
+    assert pooled["kept_harmful"] == run["kept_harmful"] and pooled["loss_spread"] == pytest.approx(run["loss_spread"])

@@ -106,9 +106,10 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def read_run(train_dir: str | Path) -> dict:
-    """summarize() of a DualSelect train dir (a run's, or its bench archive copy): its config.yaml (the k_T / budget rule, the weights, the data, whose
-    harmful pairs are loaded to know their ids: the data directory must be readable) and selection.jsonl."""
+def read_rows(train_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(the run's filter settings, step_rows) of a DualSelect train dir (a run's, or its bench archive copy): its
+    config.yaml (the k_T / budget rule, the weights, the data, whose harmful pairs are loaded to know their ids:
+    the data directory must be readable) and selection.jsonl."""
     from ..config import load_config
     from ..data.mixing import load_task_examples
     from ..methods import method_configs
@@ -128,9 +129,24 @@ def read_run(train_dir: str | Path) -> dict:
         events = [json.loads(line) for line in gzip.decompress(packed.read_bytes()).decode().splitlines() if line]
     else:
         raise DualSelectError(f"{train_dir}: no selection.jsonl (or .jsonl.gz)")
-    rows = step_rows(events, harmful, ds.k_task, ds.budget, ds.mu_task, ds.nu, ds.score_norm == "zscore")
-    return {"dir": str(train_dir), "k_task": ds.k_task, "budget": ds.budget, "mu_task": ds.mu_task, "nu": ds.nu,
-            "rho": ds.rho, "score_norm": ds.score_norm, **summarize(rows)}
+    facts = {"k_task": ds.k_task, "budget": ds.budget, "mu_task": ds.mu_task, "nu": ds.nu, "rho": ds.rho,
+             "score_norm": ds.score_norm}
+    return facts, step_rows(events, harmful, ds.k_task, ds.budget, ds.mu_task, ds.nu, ds.score_norm == "zscore")
+
+
+def read_run(train_dir: str | Path) -> dict:
+    """summarize() of one DualSelect train dir (see read_rows)."""
+    facts, rows = read_rows(train_dir)
+    return {"label": str(train_dir), **facts, **summarize(rows)}
+
+
+def read_method(label: str, train_dirs: list[Path]) -> dict:
+    """summarize() of several runs of one method (its seeds), their steps pooled; their settings must agree."""
+    read = [read_rows(d) for d in train_dirs]
+    if any(facts != read[0][0] for facts, _ in read[1:]):
+        raise DualSelectError(f"{label}: its runs ({', '.join(map(str, train_dirs))}) differ in their filter settings")
+    return {"label": f"{label} ({len(read)} run{'s' if len(read) != 1 else ''})", **read[0][0],
+            **summarize([r for _, rows in read for r in rows])}
 
 
 def markdown(runs: list[dict]) -> str:
@@ -146,7 +162,7 @@ def markdown(runs: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(
-            f"| {r['dir']} | {r['budget'] if r['budget'] is not None else r['k_task']} | {r['mu_task']:g}, "
+            f"| {r['label']} | {r['budget'] if r['budget'] is not None else r['k_task']} | {r['mu_task']:g}, "
             f"{r['nu']:g} | {r['steps']} | {r['harmful_candidates']} | {pct(r['chance'])} | "
             f"{pct(r['kept_harmful'])} / {pct(r['loss_only_harmful'])} / {pct(r['cosine_only_harmful'])} | "
             f"{pct(r['kept_other'])} / {pct(r['loss_only_other'])} / {pct(r['cosine_only_other'])} | "
