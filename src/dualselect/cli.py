@@ -232,7 +232,9 @@ def cmd_bench(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     only = _only(args.only, "data.harmful_ratio=0.1")
     if args.status:
-        print(bench.status_markdown(bench.grid_status(args.config, args.overrides, only=only)))
+        from . import bench_status
+
+        print(bench_status.markdown(bench_status.grid_status(args.config, args.overrides, only=only)))
         return 0
     result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
@@ -270,9 +272,9 @@ def cmd_continual(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     only = _only(args.only, "method=sft,replay")
     if args.status:
-        from .bench import status_markdown
+        from .bench_status import markdown
 
-        print(status_markdown(continual.continual_status(args.config, args.overrides, only=only)))
+        print(markdown(continual.continual_status(args.config, args.overrides, only=only)))
         return 0
     result = continual.run_continual(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="")

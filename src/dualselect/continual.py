@@ -512,11 +512,13 @@ def _selected(cc: ContinualConfig, only: dict[str, list[str]], label: str) -> tu
 def continual_status(path: str | Path, overrides: list[str] = (), only: dict[str, list[str]] | None = None) -> dict:
     """What a continual run has finished and what is left, running nothing (`dualselect continual CONFIG
     --status`): per method its stage runs finished here or in the archive, started, to run, and the core-hours
-    left (bench.unit_status)."""
+    left (bench_status.unit_status)."""
     cc, _, label, _ = load_continual(path, list(overrides))
     methods, seeds = _selected(cc, only or {}, label)
     units = [(m, "stages", cell_of(cc, m, s, k).path) for s in seeds for m in methods for k in range(len(cc.stages))]
-    return bench.unit_status(units, Path(cc.output_dir), Path(cc.archive) if cc.archive else None, ["stages"],
+    from .bench_status import unit_status
+
+    return unit_status(units, Path(cc.output_dir), Path(cc.archive) if cc.archive else None, ["stages"],
                              methods)
 
 

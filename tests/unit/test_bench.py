@@ -490,7 +490,9 @@ bench:
     (out / "tune" / "dualselect" / "rho-0.5" / "cell.yaml").write_text("{}")  # started
     (out / "cells" / "dualselect__seed-0").mkdir(parents=True)
     (out / "cells" / "dualselect__seed-0" / "cell.yaml").write_text("{}")   # started
-    st = bench.grid_status(cfg)
+    from dualselect import bench_status
+
+    st = bench_status.grid_status(cfg)
     assert list(st["methods"]) == ["sft", "dualselect", "lisa"]
     sft, ds, lisa = (st["methods"][m] for m in ("sft", "dualselect", "lisa"))
     assert (sft["cells"]["done"], sft["cells"]["archived"], sft["cells"]["todo"]) == (1, 1, 0)
