@@ -41,6 +41,10 @@ def test_figures_of_a_hand_worked_log():
     assert s["cosine_spread"] == pytest.approx((np.std([0.1, -0.5, 0.3]) + np.std([-0.2, 0.0, 0.4])) / 2)
     assert s["harmful_loss"] == pytest.approx(1.25) and s["other_loss"] == pytest.approx(0.4)
     assert s["harmful_cosine"] == pytest.approx(0.35) and s["other_cosine"] == pytest.approx(-0.15)
+    # standardised terms (score_norm zscore): each spreads 1 before its weight; the one-term sets do not change
+    z = task_filter.step_rows(EVENTS, {"h", "g"}, k=2, budget=None, mu=2.0, nu=0.5, zscore=True)
+    assert [(r["loss_spread"], r["cosine_spread"]) for r in z] == [(2.0, 0.5)] * 2
+    assert [r["cosine_only"] for r in z] == [r["cosine_only"] for r in rows]
     # a token budget is the run's rule too: half of step 1's 54 tokens -> a (2), b (2), h (50) by loss
     rows = task_filter.step_rows(EVENTS[:2], {"h"}, k=0, budget=0.5, mu=1.0, nu=1.0, zscore=False)
     assert rows[0]["loss_only"] == {0, 1, 2} and rows[0]["cosine_only"] == {2}

@@ -13,7 +13,8 @@ ranks the batch, not where a run with other settings would have gone. Each selec
 positive weight or a per-term standardisation does not change it; soft mode keeps the same samples as hard.
 Reported: the share of harmful and of other candidates kept (actual, loss only, cosine only; chance = the
 overall keep share), how much of the kept set each one-term rule shares, and the terms' spread within a batch
-(mean standard deviation of mu_T * loss and of nu * cos; with score_norm zscore both are 1 before weighting).
+(mean standard deviation of mu_T * loss and of nu * cos; with score_norm zscore each term is standardised, so
+they are mu_T and nu).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float |
         if missing:
             raise DualSelectError(f"step {ev.get('step')}: kept id {missing[0]!r} is not among its candidates")
         finite = all(math.isfinite(x) for x in [*losses, *cos])
-        spread = (1.0, 1.0) if zscore else (abs(mu) * pstdev(losses), abs(nu) * pstdev(cos))
+        spread = (abs(mu), abs(nu)) if zscore else (abs(mu) * pstdev(losses), abs(nu) * pstdev(cos))
         rows.append({
             "step": ev.get("step"), "n": len(ids), "harmful": [cid in harmful for cid in ids],
             "kept": {where[i] for i in ev["ids"]},
