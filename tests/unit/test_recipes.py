@@ -124,3 +124,26 @@ def test_embedded_recipes_pin_the_precision(path):
     """A grid spans sessions on CPUs with and without native bf16; `auto` would change precision between them
     (and report refuses to mix precisions), so the embedded recipes pin one."""
     assert bench.load_bench(path)[1]["model"].get("precision") == "fp32"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_archives_are_not_ignored_by_git(path):
+    """An archive is meant to be committed: no .gitignore rule may hide its files (a rule `runs/` once hid a
+    continual archive's runs/ subtree, so its chains were never committed)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = CONFIGS.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    raw = yaml.safe_load(path.read_text())
+    archive = (raw.get("bench") or raw.get("continual") or {}).get("archive")
+    if not archive:
+        pytest.skip("no archive")
+    samples = [f"{archive}/{rel}" for rel in ("cells/m__seed-0/done.json", "tune/m/x/eval/results.json",
+                                              "runs/m/seed-0/1-stage/train/config.yaml", "aligned.json",
+                                              "report/report.md", "aligned-eval/x/samples.jsonl.gz")]
+    out = subprocess.run(["git", "check-ignore", *samples], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and not out.stdout, f"ignored by git: {out.stdout}"
