@@ -155,6 +155,10 @@ class DataConfig:
     )
     max_length: int = _opt(256, "truncate examples to this many tokens")
     task_limit: int | None = _opt(None, "use only the first N task examples")
+    task_shuffle: int | None = _opt(
+        None, "seed of a fixed random order of data.task's rows (after its row range), taken before task_limit: for "
+              "a source sorted by label (e.g. ag_news:dev); the same order for every training seed, so every method "
+              "and seed trains on the same samples (null: the file's order)")
     reference_limit: int | None = _opt(None, "use only the first N reference examples")
     harmful: str | None = _opt(
         None, "harmful pairs (harmful prompt + compliance) mixed into the task data, e.g. beavertails_sst2:unsafe "

@@ -268,6 +268,12 @@ def test_the_shared_data_recipe_writes_its_pools(tmp_path, data_dir, monkeypatch
     assert [f["pool"]["by_source"] for f in data.facts] == [
         {"safety": 200}, {"safety": 200, "sst2": 40}, {"safety": 200, "sst2": 40, "ag_news": 40}]
     assert [sum(f["replay"]["by_source"].values()) for f in data.facts] == [0, 40, 80]
+    # ag_news:dev is sorted by label: the stage takes 300 rows in a fixed random order, all four labels
+    from collections import Counter
+
+    rows = [json.loads(line) for line in Path(data.facts[1]["file"]).read_text().splitlines()]
+    labels = Counter(r["messages"][-1]["content"] for r in rows)
+    assert set(labels) == {"World", "Sports", "Business", "Sci/Tech"} and max(labels.values()) < 0.4 * 300
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -2,6 +2,8 @@
 every data source names a dataset and split that exist, and the paper-scale recipes name the paper's models by
 hub id with LoRA targets those architectures have. Nothing is downloaded or trained here."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,16 @@ def test_embedded_recipe_data_load(path, tmp_path, data_dir):
     for source in sorted(_sources(cfg, configs)):
         ex, _ = load_examples(source, data_dir=str(data_dir), require_response=source not in eval_sources)
         assert ex, source
+    # the training rows of every cell teach more than one answer (a label-sorted source's first rows would not)
+    from collections import Counter
+
+    from dualselect.data.mixing import load_task_examples
+
+    for data in {json.dumps(dataclasses.asdict(run.data), sort_keys=True): run.data for run in configs}.values():
+        data.data_dir = str(data_dir)
+        rows = [e for e in load_task_examples(data)[0] if not e.meta.get("harmful_pair")]
+        top = Counter(e.messages[-1]["content"].strip() for e in rows).most_common(1)[0][1]
+        assert top < 0.9 * len(rows), f"{path.name}: {data.task}: {top} of {len(rows)} rows share one target"
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
