@@ -386,6 +386,10 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
     from .eval.run import evaluate
 
     out = Path(bench.output_dir) / "aligned-eval" / (_slug("__".join(table.values())) if table else "all")
+    if (out / "results.json").exists() and (changed := _aligned_eval_changed(out, cfg)):
+        log.warning("%s was evaluated with another %s than the grid's cells now use: evaluating the aligned model "
+                    "again", out, changed)
+        shutil.rmtree(out)
     if not (out / "results.json").exists():
         cfg = copy.deepcopy(cfg)
         cfg.eval.adapter, cfg.eval.output_dir = None, str(out)
@@ -393,6 +397,21 @@ def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path)
         if bench.archive:
             bench_archive.save_unit(out, Path(bench.output_dir), Path(bench.archive))
     return out
+
+
+def _aligned_eval_changed(out: Path, cfg) -> str | None:
+    """What of an aligned-model evaluation differs from the eval settings of `cfg` (benchmarks, decoding,
+    eval.limit), or None. (A changed judge or precision is refused by the report.)"""
+    from .eval.run import decoding_of
+
+    results = json.loads((out / "results.json").read_text())
+    if [b["name"] for b in results["benchmarks"]] != list(cfg.eval.benchmarks):
+        return "list of benchmarks"
+    if results.get("decoding") != decoding_of(cfg):
+        return "decoding"
+    if results.get("limit") != cfg.eval.limit:
+        return "eval.limit"
+    return None
 
 
 def select_cells(cells: list[Cell], only: dict[str, list[str]]) -> list[Cell]:
@@ -568,7 +587,8 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
         head += (f"\n\n## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, "
                  f"{sum(_seconds(p) for p in tuned) / 60:.1f} min.")
-    tables_md = {key: report.markdown(w["report"]) for key, w in written.items()}
+    tables_md = {key: report.markdown(w["report"]) + _task_filter_md(tables[key], configs)
+                 for key, w in written.items()}
     text = f"# Bench {out}\n\n{head}\n\n" + "\n\n".join(f"## {key}\n\n{md}" for key, md in tables_md.items())
     ratio_figures = harmful_vs_ratio(cells, tables, {k: w["report"] for k, w in written.items()})
     for name, _, png in ratio_figures:
@@ -589,6 +609,26 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         write_atomic(dest / "report.md", text)
     return {"tables": written, "markdown": text, "path": out / "report.md", "html": out / "report.html",
             "cells": [json.loads((c.path / DONE).read_text()) for c in cells]}
+
+
+def _task_filter_md(members: list[Cell], configs: dict) -> str:
+    """A table's section on DualSelect's task filter (eval.task_filter: harmful pairs kept, and by which term),
+    per method label whose cells train dualselect, their seeds pooled; "" when none does."""
+    from .eval import task_filter
+
+    dirs: dict[str, list[Path]] = {}
+    for c in members:
+        if configs[c.name].train.method == "dualselect":
+            dirs.setdefault(c.method, []).append(c.path / "train")
+    if not dirs:
+        return ""
+    head = ("\n\n### DualSelect's task filter\n\nPer step, from the logged candidates: the share of harmful pairs "
+            "and of other samples kept, by the run and by loss-only / cosine-only ranking at the same step and state "
+            "(python benchmarks/task_filter.py; seeds pooled).\n\n")
+    try:
+        return head + task_filter.markdown([task_filter.read_method(m, d) for m, d in dirs.items()])
+    except DualSelectError as e:  # e.g. the data directory is not readable here: the rest of the report stands
+        return head + f"Not computed: {e}"
 
 
 RATIO_AXIS = "data.harmful_ratio"

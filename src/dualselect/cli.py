@@ -226,8 +226,17 @@ def cmd_bench(argv: list[str]) -> int:
                    help="run and report only the cells with these labels on an axis (repeatable), e.g. "
                         "--only data.harmful_ratio=0.1 --only method=sft,dualselect")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--status", action="store_true",
+                   help="print what the grid has finished (here and in bench.archive) and the compute left, and "
+                        "run nothing")
     args = p.parse_intermixed_args(argv)
-    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=_only(args.only, "data.harmful_ratio=0.1"))
+    only = _only(args.only, "data.harmful_ratio=0.1")
+    if args.status:
+        from . import bench_status
+
+        print(bench_status.markdown(bench_status.grid_status(args.config, args.overrides, only=only)))
+        return 0
+    result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
     print(f"report: {result['path']}")
     return 0
@@ -257,9 +266,17 @@ def cmd_continual(argv: list[str]) -> int:
                    help="run and report only these methods or seeds (repeatable), e.g. --only method=sft,replay "
                         "--only seed=0: several processes on disjoint methods use the cores of one machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--status", action="store_true",
+                   help="print the stage runs finished (here and in continual.archive) and the compute left, and "
+                        "run nothing")
     args = p.parse_intermixed_args(argv)
-    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet,
-                                     only=_only(args.only, "method=sft,replay"))
+    only = _only(args.only, "method=sft,replay")
+    if args.status:
+        from .bench_status import markdown
+
+        print(markdown(continual.continual_status(args.config, args.overrides, only=only)))
+        return 0
+    result = continual.run_continual(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="")
     print(f"results: {result['path']}")
     print(f"report:  {result['report']}")

@@ -155,6 +155,10 @@ class DataConfig:
     )
     max_length: int = _opt(256, "truncate examples to this many tokens")
     task_limit: int | None = _opt(None, "use only the first N task examples")
+    task_shuffle: int | None = _opt(
+        None, "seed of a fixed random order of data.task's rows (after its row range), taken before task_limit: for "
+              "a source sorted by label (e.g. ag_news:dev); the same order for every training seed, so every method "
+              "and seed trains on the same samples (null: the file's order)")
     reference_limit: int | None = _opt(None, "use only the first N reference examples")
     harmful: str | None = _opt(
         None, "harmful pairs (harmful prompt + compliance) mixed into the task data, e.g. beavertails_sst2:unsafe "
@@ -779,12 +783,9 @@ def with_defaults(saved: Mapping, cfg: RunConfig) -> dict:
     sections know and it lacks set to that key's default: an option added to the project since then reads as its
     default, so an earlier run still compares equal to the same config today (and resumes, and its cell counts)."""
     out = json.loads(json.dumps(saved))
-    sections = {**CORE_SECTIONS, **EXTRA_SECTIONS}
-    if cfg.method_args is not None:
-        sections[cfg.train.method] = type(cfg.method_args)
-    for name, cls in sections.items():
+    for name, defaults in _section_defaults(cfg).items():
         if isinstance(out.get(name), dict):
-            for key, value in _plain(cls()).items():
+            for key, value in defaults.items():
                 out[name].setdefault(key, value)
     return out
 
@@ -794,14 +795,18 @@ def without_defaults(d: Mapping, cfg: RunConfig) -> dict:
     what identifies a config across versions of the project, since an option added later (at its default) does not
     appear in it."""
     out = json.loads(json.dumps(d))
+    for name, defaults in _section_defaults(cfg).items():
+        if isinstance(out.get(name), dict):
+            out[name] = {k: v for k, v in out[name].items() if k not in defaults or defaults[k] != v}
+    return out
+
+
+def _section_defaults(cfg: RunConfig) -> dict[str, dict]:
+    """Section name -> its keys' defaults (plain values), for the core sections and cfg's method section."""
     sections = {**CORE_SECTIONS, **EXTRA_SECTIONS}
     if cfg.method_args is not None:
         sections[cfg.train.method] = type(cfg.method_args)
-    for name, cls in sections.items():
-        if isinstance(out.get(name), dict):
-            defaults = _plain(cls())
-            out[name] = {k: v for k, v in out[name].items() if k not in defaults or defaults[k] != v}
-    return out
+    return {name: _plain(cls()) for name, cls in sections.items()}
 
 
 def dump_yaml(cfg: RunConfig) -> str:

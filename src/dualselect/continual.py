@@ -26,8 +26,8 @@ eval.benchmarks (the accuracy matrix; safety after every stage). Each stage is a
 its own directory (bench.run_cell): resumable as a run is, skipped once its done.json is written (last).
 
 Data (OUTPUT_DIR/data, files named by their content): each stage's training rows (its task source with the
-base and stage data settings: task_limit, harmful mix, format, columns; then fixed for every method), the
-safety pool (data.reference), and per stage the retention pool ({pool}: the safety pool + a seeded sample of
+base and stage data settings: task_limit, task_shuffle, harmful mix, format, columns; then fixed for every
+method), the safety pool (data.reference), and per stage the retention pool ({pool}: the safety pool + a seeded sample of
 the earlier stages' training rows, ids prefixed by their source, continual_pool) and the replay set
 ({replay}: the stage's rows + the same sample of earlier rows, no safety rows). Same retention sample for
 replay, agem and dualselect-retention. Every stage's eval leaves out the prompts of all these rows
@@ -66,7 +66,8 @@ FORMAT = "dualselect-continual-1"
 CORE = ("model", "data", "train", "eval")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # data keys that define a stage's training rows: consumed when the rows are written, then fixed for every run
-MATERIALIZED = ("task", "task_limit", "harmful", "harmful_ratio", "reference", "reference_limit", "format", "columns")
+MATERIALIZED = ("task", "task_limit", "task_shuffle", "harmful", "harmful_ratio", "reference", "reference_limit",
+                "format", "columns")
 STAGE_FORBIDDEN = {"train.method": "the methods axis sets it", "train.seed": "continual.seeds sets it",
                    "train.output_dir": "the runner sets it", "data.task": "the stage's `task` sets it",
                    "data.reference": "the safety pool is shared by every stage",
@@ -454,7 +455,8 @@ def stage_config(cc: ContinualConfig, base: dict, label: str, base_overrides: li
     benchmarks += [b for b in core.eval.benchmarks if b not in benchmarks]
     seen = [*core.eval.train_files, *map(str, data.files), *([str(data.safety)] if data.safety else []), *align_data]
     fixed = [f"data.task={_q(str(task))}", f"data.reference={_q(str(reference) if reference else None)}",
-             "data.task_limit=null", "data.reference_limit=null", "data.harmful=null", "data.harmful_ratio=0.0",
+             "data.task_limit=null", "data.task_shuffle=null", "data.reference_limit=null", "data.harmful=null",
+             "data.harmful_ratio=0.0",
              "data.format=auto", "data.columns={}", f"train.seed={seed}",
              f"train.output_dir={_q(str(cell.path / 'train'))}",
              f"eval.adapter={_q(str(cell.path / 'train' / 'adapter'))}",
@@ -507,6 +509,19 @@ def _selected(cc: ContinualConfig, only: dict[str, list[str]], label: str) -> tu
                                   f"({', '.join(known[axis])})")
     return ([m for m in cc.methods if m in only.get("method", cc.methods)],
             [s for s in cc.seeds if str(s) in only.get("seed", known["seed"])])
+
+
+def continual_status(path: str | Path, overrides: list[str] = (), only: dict[str, list[str]] | None = None) -> dict:
+    """What a continual run has finished and what is left, running nothing (`dualselect continual CONFIG
+    --status`): per method its stage runs finished here or in the archive, started, to run, and the core-hours
+    left (bench_status.unit_status)."""
+    cc, _, label, _ = load_continual(path, list(overrides))
+    methods, seeds = _selected(cc, only or {}, label)
+    units = [(m, "stages", cell_of(cc, m, s, k).path) for s in seeds for m in methods for k in range(len(cc.stages))]
+    from .bench_status import unit_status
+
+    return unit_status(units, Path(cc.output_dir), Path(cc.archive) if cc.archive else None, ["stages"],
+                             methods)
 
 
 def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = False,

@@ -147,7 +147,15 @@ def test_bench_runs_resumes_and_reports(tiny_link, monkeypatch):
     assert list(rep["results"]) == ["sft", "dualselect"] and rep["baseline"] == "sft"
     info = json.loads((out / "cells" / "sft__harmful_ratio-0.2__seed-0" / "train" / "run_info.json").read_text())
     assert info["data"]["task"]["n_harmful_pairs"] == 4 and info["data"]["task"]["n_kept"] == 16
-    assert "## data.harmful_ratio=0.0" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## data.harmful_ratio=0.0" in text
+    # DualSelect's task filter per table: the 2 seeds' steps pooled, 4 harmful pairs of 16 seen each epoch
+    filt = text.split("## data.harmful_ratio=0.2")[1].split("### DualSelect's task filter")[1]
+    assert "| dualselect (2 runs) | 1 | 1, 1 |" in filt and "| sft" not in filt
+    from dualselect.eval import task_filter
+    pooled = task_filter.read_method("dualselect", [out / "cells" / f"dualselect__harmful_ratio-0.2__seed-{s}" / "train"
+                                                    for s in (0, 1)])
+    assert pooled["harmful_candidates"] == 2 * 4
     table = out / "report" / "data.harmful_ratio_0.2"
     assert {"training_curves.png", "references-dualselect.png", "report.html"} <= {p.name for p in table.iterdir()}
     ratio_png = [p.name for p in (out / "report").glob("harmful_score_vs_ratio*.png")]
@@ -451,3 +459,84 @@ def test_a_benchmark_left_without_prompts_is_refused_before_any_run(tiny_link, c
     err = capsys.readouterr().err
     assert "task.jsonl[30:40]': every one of its 10 prompts is also a prompt of the training data" in err
     assert not (tiny_link / "out" / "tune").exists() and not (tiny_link / "out" / "cells").exists()
+
+
+def _done(d: Path, train: float, ev: float) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "done.json").write_text(json.dumps({"train_seconds": train, "eval_seconds": ev}))
+
+
+def test_status_counts_here_archived_started_and_estimates_what_is_left(tmp_path, capsys):
+    """--status runs nothing: it counts finished units here and in the archive, started ones, and estimates the
+    compute left per method from that method's finished units (hand-computed below)."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"""
+bench:
+  output_dir: {tmp_path / 'out'}
+  archive: {tmp_path / 'arch'}
+  tune:
+    budget: 2
+    benchmarks: ['task:val.jsonl']
+    space: {{dualselect: {{dualselect.rho: [0.1, 0.5]}}}}
+  grid:
+    method: {{sft: [train.method=sft], dualselect: [train.method=dualselect], lisa: [train.method=lisa]}}
+    train.seed: [0, 1]
+""")
+    out, arch = tmp_path / "out", tmp_path / "arch"
+    _done(out / "cells" / "sft__seed-0", 100, 20)            # here
+    _done(arch / "cells" / "sft__seed-1", 200, 40)           # archived only
+    _done(out / "tune" / "dualselect" / "rho-0.1", 500, 100)  # one tuning cell finished
+    (out / "tune" / "dualselect" / "rho-0.5").mkdir(parents=True)
+    (out / "tune" / "dualselect" / "rho-0.5" / "cell.yaml").write_text("{}")  # started
+    (out / "cells" / "dualselect__seed-0").mkdir(parents=True)
+    (out / "cells" / "dualselect__seed-0" / "cell.yaml").write_text("{}")   # started
+    from dualselect import bench_status
+
+    st = bench_status.grid_status(cfg)
+    assert list(st["methods"]) == ["sft", "dualselect", "lisa"]
+    sft, ds, lisa = (st["methods"][m] for m in ("sft", "dualselect", "lisa"))
+    assert (sft["cells"]["done"], sft["cells"]["archived"], sft["cells"]["todo"]) == (1, 1, 0)
+    assert sft["seconds_left"] == 0
+    assert (ds["tuning"]["done"], ds["tuning"]["started"], ds["cells"]["started"], ds["cells"]["todo"]) == (1, 1, 1, 1)
+    # dualselect: 1 tuning cell left at its own 600 s, 2 grid cells at the tuning cells' 600 s
+    assert ds["seconds_left"] == pytest.approx(600 + 2 * 600)
+    # lisa has nothing finished: the mean of every finished unit, (120 + 240 + 600) / 3 = 320 s, for 2 cells
+    assert lisa["seconds_left"] == pytest.approx(2 * 320)
+    assert st["seconds_left"] == pytest.approx(1800 + 640)
+    assert not (out / "bench.json").exists() and not (out / "cells" / "sft__seed-1").exists()  # ran nothing
+
+    assert main(["bench", str(cfg), "--status", "--only", "method=sft"]) == 0
+    text = capsys.readouterr().out
+    assert "| sft | - | 2/2 (1 archived) | 0.0 |" in text and "dualselect" not in text
+
+
+def test_aligned_eval_is_redone_when_the_grid_changes_its_eval_settings(tiny_link, monkeypatch):
+    """The aligned row is evaluated once per table and reused; a grid whose eval benchmarks, decoding or limit
+    changed since then evaluates it again instead of reporting an evaluation made with other settings."""
+    from dualselect.config import load_config
+
+    b, base, label, _ = bench.load_bench(bench_yaml(tiny_link))
+    calls = []
+
+    def fake_evaluate(cfg):
+        calls.append(list(cfg.eval.benchmarks))
+        out = Path(cfg.eval.output_dir)
+        out.mkdir(parents=True)
+        from dualselect.eval.run import decoding_of
+        (out / "results.json").write_text(json.dumps({"benchmarks": [{"name": n} for n in cfg.eval.benchmarks],
+                                                      "decoding": decoding_of(cfg), "limit": cfg.eval.limit}))
+    monkeypatch.setattr("dualselect.eval.run.evaluate", fake_evaluate)
+
+    def cfg_with(*overrides):
+        return load_config(None, ["train.method=dualselect", *overrides], method_configs(), raw=base, label=label)
+
+    first = cfg_with()
+    bench._aligned_eval(b, {}, first, tiny_link / "tiny")
+    bench._aligned_eval(b, {}, cfg_with(), tiny_link / "tiny")
+    assert len(calls) == 1  # reused
+    for change in (f"eval.benchmarks=['harmful:{tiny_link}/evharm.jsonl']", "eval.max_new_tokens=5", "eval.limit=3"):
+        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench._aligned_eval(b, {}, first, tiny_link / "tiny")  # back to the first settings: redone again
+    assert len(calls) == 1 + 3 * 2
+    assert calls[1] == [f"harmful:{tiny_link}/evharm.jsonl"]

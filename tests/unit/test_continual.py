@@ -268,6 +268,12 @@ def test_the_shared_data_recipe_writes_its_pools(tmp_path, data_dir, monkeypatch
     assert [f["pool"]["by_source"] for f in data.facts] == [
         {"safety": 200}, {"safety": 200, "sst2": 40}, {"safety": 200, "sst2": 40, "ag_news": 40}]
     assert [sum(f["replay"]["by_source"].values()) for f in data.facts] == [0, 40, 80]
+    # ag_news:dev is sorted by label: the stage takes 300 rows in a fixed random order, all four labels
+    from collections import Counter
+
+    rows = [json.loads(line) for line in Path(data.facts[1]["file"]).read_text().splitlines()]
+    labels = Counter(r["messages"][-1]["content"] for r in rows)
+    assert set(labels) == {"World", "Sports", "Business", "Sci/Tech"} and max(labels.values()) < 0.4 * 300
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -432,3 +438,28 @@ def test_only_runs_and_reports_the_chosen_methods(tmp_path, tiny_model_dir, monk
         capsys.readouterr()
         assert main(["continual", str(path), "--quiet", *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_status_counts_stage_runs_and_runs_nothing(tmp_path, capsys):
+    cfg = _base(tmp_path / "out")
+    cfg["continual"]["seeds"] = [0, 1]
+    cfg["continual"]["archive"] = str(tmp_path / "arch")
+    path = _write(tmp_path, cfg)
+    cc = continual.load_continual(path)[0]
+    for root, method, seed, k, secs in ((tmp_path / "out", "replay", 0, 0, 60), (tmp_path / "out", "replay", 0, 1, 120),
+                                        (tmp_path / "arch", "replay", 1, 0, 30), (tmp_path / "arch", "replay", 1, 1, 30)):
+        d = root / continual.cell_of(cc, method, seed, k).path.relative_to(tmp_path / "out")
+        d.mkdir(parents=True)
+        (d / "done.json").write_text(json.dumps({"train_seconds": secs, "eval_seconds": 0}))
+    started = continual.cell_of(cc, "dualselect-retention", 0, 0).path
+    started.mkdir(parents=True)
+    (started / "cell.yaml").write_text("{}")
+    st = continual.continual_status(path)
+    rep, ds = st["methods"]["replay"]["stages"], st["methods"]["dualselect-retention"]["stages"]
+    assert (rep["done"], rep["archived"], rep["todo"]) == (2, 2, 0)
+    assert (ds["done"], ds["started"], ds["todo"]) == (0, 1, 3)
+    # dualselect-retention has no finished stage: every finished one's mean, (60 + 120 + 30 + 30) / 4 = 60 s, x 4
+    assert st["seconds_left"] == pytest.approx(4 * 60)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert main(["continual", str(path), "--status", "--only", "method=replay"]) == 0
+    assert "| replay | 4/4 (2 archived) | 0.0 |" in capsys.readouterr().out

@@ -97,3 +97,37 @@ def test_refusal_direction_prompt_splits(data_dir):
     assert len(ex) == 39 and ex[0].prompt and ex[0].response == ""
     ex, _ = load_examples("refusal_direction:harmless_test[:5]", data_dir=str(data_dir), require_response=False)
     assert len(ex) == 5
+
+
+def _sorted_by_label(tmp_path, n=40):
+    """A source like ag_news:dev: every row of one label, then every row of the next."""
+    return write_jsonl(tmp_path / "sorted.jsonl", [{"id": f"s{i}", "prompt": f"article {i}",
+                                                    "response": "World" if i < n // 2 else "Sports"}
+                                                   for i in range(n)])
+
+
+def test_task_shuffle_takes_a_fixed_random_order_before_the_limit(tmp_path, caplog):
+    src = _sorted_by_label(tmp_path)
+    with caplog.at_level("WARNING", logger="dualselect"):
+        first, _ = load_task_examples(_cfg(f"data.task={src}", "data.task_limit=20"))
+    assert {e.messages[-1]["content"] for e in first} == {"World"}  # the file's order: one label
+    assert "20 of its 20 rows have the same target 'World'" in caplog.text and "data.task_shuffle" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dualselect"):
+        a, facts = load_task_examples(_cfg(f"data.task={src}", "data.task_limit=20", "data.task_shuffle=0"))
+    assert not caplog.text
+    b, _ = load_task_examples(_cfg(f"data.task={src}", "data.task_limit=20", "data.task_shuffle=0"))
+    c, _ = load_task_examples(_cfg(f"data.task={src}", "data.task_limit=20", "data.task_shuffle=1"))
+    ids = [e.id for e in a]
+    assert ids == [e.id for e in b] and ids != [e.id for e in c]  # fixed per shuffle seed
+    assert len(ids) == 20 and len(set(ids)) == 20 and set(ids) <= {f"s{i}" for i in range(40)}
+    assert {e.messages[-1]["content"] for e in a} == {"World", "Sports"}
+    assert facts["n_kept"] == 20 and facts["shuffle"] == 0
+    # a row range is applied first (the file's rows 0..9, all World), then the order
+    d, _ = load_task_examples(_cfg(f"data.task={src}[:10]", "data.task_shuffle=0"))
+    assert sorted(e.id for e in d) == sorted(f"s{i}" for i in range(10)) and [e.id for e in d] != [f"s{i}" for i in range(10)]
+    # with harmful pairs mixed in, the task part is shuffled and the harmful part keeps its first rows
+    task, harm = _data(tmp_path)
+    e, _ = load_task_examples(_cfg(f"data.task={src}", f"data.harmful={harm}", "data.harmful_ratio=0.25",
+                                   "data.task_limit=8", "data.task_shuffle=0"))
+    assert [x.id for x in e][:6] == ids[:6] and [x.id for x in e][6:] == ["h0", "h1"]

@@ -2,6 +2,8 @@
 every data source names a dataset and split that exist, and the paper-scale recipes name the paper's models by
 hub id with LoRA targets those architectures have. Nothing is downloaded or trained here."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,16 @@ def test_embedded_recipe_data_load(path, tmp_path, data_dir):
     for source in sorted(_sources(cfg, configs)):
         ex, _ = load_examples(source, data_dir=str(data_dir), require_response=source not in eval_sources)
         assert ex, source
+    # the training rows of every cell teach more than one answer (a label-sorted source's first rows would not)
+    from collections import Counter
+
+    from dualselect.data.mixing import load_task_examples
+
+    for data in {json.dumps(dataclasses.asdict(run.data), sort_keys=True): run.data for run in configs}.values():
+        data.data_dir = str(data_dir)
+        rows = [e for e in load_task_examples(data)[0] if not e.meta.get("harmful_pair")]
+        top = Counter(e.messages[-1]["content"].strip() for e in rows).most_common(1)[0][1]
+        assert top < 0.9 * len(rows), f"{path.name}: {data.task}: {top} of {len(rows)} rows share one target"
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
@@ -124,3 +136,26 @@ def test_embedded_recipes_pin_the_precision(path):
     """A grid spans sessions on CPUs with and without native bf16; `auto` would change precision between them
     (and report refuses to mix precisions), so the embedded recipes pin one."""
     assert bench.load_bench(path)[1]["model"].get("precision") == "fp32"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_archives_are_not_ignored_by_git(path):
+    """An archive is meant to be committed: no .gitignore rule may hide its files (a rule `runs/` once hid a
+    continual archive's runs/ subtree, so its chains were never committed)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = CONFIGS.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    raw = yaml.safe_load(path.read_text())
+    archive = (raw.get("bench") or raw.get("continual") or {}).get("archive")
+    if not archive:
+        pytest.skip("no archive")
+    samples = [f"{archive}/{rel}" for rel in ("cells/m__seed-0/done.json", "tune/m/x/eval/results.json",
+                                              "runs/m/seed-0/1-stage/train/config.yaml", "aligned.json",
+                                              "report/report.md", "aligned-eval/x/samples.jsonl.gz")]
+    out = subprocess.run(["git", "check-ignore", *samples], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and not out.stdout, f"ignored by git: {out.stdout}"

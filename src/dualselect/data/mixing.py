@@ -2,16 +2,22 @@
 in (the harmful-fine-tuning protocol: n = data.task_limit samples, of which round(p * n) are harmful).
 
 Both parts are the first rows of their sources (deterministic: every seed and every method of a grid trains on
-the same samples; the seed changes the order and the initialisation). The harmful rows carry
+the same samples; the seed changes the order and the initialisation); data.task_shuffle takes the task source's
+rows in a fixed seeded order first (for a source sorted by label). The harmful rows carry
 meta["harmful_pair"] = True, so selection logs can be read against them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, replace
 
 from ..errors import DualSelectError
 from .records import Example, load_examples
+
+log = logging.getLogger("dualselect")
 
 
 def split_counts(n: int, ratio: float) -> tuple[int, int]:
@@ -26,11 +32,21 @@ def load_task_examples(data) -> tuple[list[Example], dict]:
         return load_examples(source, data_dir=data.data_dir, fmt=data.format, columns=data.columns or None,
                              limit=limit)
 
+    def load_task(limit: int | None):
+        if data.task_shuffle is None:
+            return load(data.task, limit)
+        examples, report = load(data.task, None)
+        random.Random(f"task-shuffle-{data.task_shuffle}").shuffle(examples)
+        examples = examples[:limit]
+        return examples, replace(report, n_kept=len(examples))
+
     if not data.harmful or data.harmful_ratio == 0:
-        examples, report = load(data.task, data.task_limit)
-        return examples, {**asdict(report), "n_harmful_pairs": 0}
+        examples, report = load_task(data.task_limit)
+        _warn_single_target(data.task, examples)
+        return examples, {**asdict(report), "n_harmful_pairs": 0, "shuffle": data.task_shuffle}
     n_task, n_harmful = split_counts(data.task_limit, data.harmful_ratio)
-    task, task_report = load(data.task, n_task) if n_task else ([], None)
+    task, task_report = load_task(n_task) if n_task else ([], None)
+    _warn_single_target(data.task, task)
     harmful, harmful_report = load(data.harmful, n_harmful)
     if len(harmful) < n_harmful:
         raise DualSelectError(f"data.harmful {data.harmful}: {len(harmful)} usable records, but data.harmful_ratio "
@@ -45,5 +61,17 @@ def load_task_examples(data) -> tuple[list[Example], dict]:
     for ex in harmful:
         ex.meta["harmful_pair"] = True
     facts = {**(asdict(task_report) if task_report else {"source": data.task, "n_kept": 0}),
-             "n_harmful_pairs": n_harmful, "harmful": asdict(harmful_report)}
+             "n_harmful_pairs": n_harmful, "harmful": asdict(harmful_report), "shuffle": data.task_shuffle}
     return task + harmful, facts
+
+
+def _warn_single_target(source: str, examples: list[Example]) -> None:
+    """Log a warning when >= 90 % of 20 or more task rows share one target: the first rows of a source sorted by
+    label (ag_news:dev holds 2,000 rows of each class in turn) teach one answer."""
+    targets = Counter(str(ex.messages[-1].get("content", "")).strip() for ex in examples if ex.messages)
+    if len(examples) >= 20 and targets:
+        target, n = targets.most_common(1)[0]
+        if n >= 0.9 * len(examples):
+            log.warning("data.task %s: %d of its %d rows have the same target %r: is the source sorted by label? "
+                        "data.task_shuffle=SEED takes its rows in a fixed random order", source, n, len(examples),
+                        target[:40])

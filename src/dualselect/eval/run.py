@@ -389,6 +389,14 @@ def _baseline_id(ev) -> str:
     return "none" if _baseline_is_base(ev) else str(Path(ev.baseline).expanduser().resolve())
 
 
+def decoding_of(cfg: RunConfig) -> dict:
+    """The decoding settings an evaluation records (results.json "decoding")."""
+    ev = cfg.eval
+    return {"strategy": "greedy", "do_sample": False, "template": cfg.data.template, "batch_size": ev.batch_size,
+            "max_new_tokens": ev.max_new_tokens, "task_max_new_tokens": ev.task_max_new_tokens,
+            "stop": ["eos_token", *ev.stop]}
+
+
 def evaluate(cfg: RunConfig) -> dict:
     """Run the evaluation described by cfg.eval on cfg.model (+ eval.adapter); returns the results dict
     (also written to <output_dir>/results.json), with "table" (Markdown) and the file paths."""
@@ -411,9 +419,7 @@ def evaluate(cfg: RunConfig) -> dict:
     benches, seen_report = load_benchmarks(cfg)
 
     out_dir = Path(ev.output_dir).expanduser() if ev.output_dir else default_output_dir(cfg)
-    decoding = {"strategy": "greedy", "do_sample": False, "template": cfg.data.template,
-                "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens,
-                "task_max_new_tokens": ev.task_max_new_tokens, "stop": ["eos_token", *ev.stop]}
+    decoding = decoding_of(cfg)
     model_info = {"name_or_path": cfg.model.name_or_path,
                   "adapter": str(Path(ev.adapter).expanduser().resolve()) if ev.adapter else None,
                   "precision": cfg.model.precision, "device": cfg.model.device}
