@@ -267,13 +267,13 @@ def _comparable(cfg_dict: dict) -> dict:
     return out
 
 
-def check_cell_config(cell: Cell, cfg) -> None:
+def check_cell_config(cell: Cell, cfg, output_key: str = "bench.output_dir") -> None:
     """Refuse a cell (finished or not) that was started with another config than the grid gives it now."""
     path = cell.path / CELL_CONFIG
     if path.exists() and _comparable(with_defaults(yaml.safe_load(path.read_text()), cfg)) != \
             _comparable(to_dict(cfg)):
         raise DualSelectError(f"{cell.path}: this cell was started with another config (see {path}); remove "
-                              "the cell directory to rerun it, or choose another bench.output_dir")
+                              f"the cell directory to rerun it, or choose another {output_key}")
 
 
 def _write_cell_config(cell: Cell, cfg) -> None:

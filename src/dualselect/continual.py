@@ -493,7 +493,7 @@ def plan(cc: ContinualConfig, base: dict, label: str, base_overrides: list[str],
         raise DualSelectError(f"{label}: section '{unused[0]}' sets options of method '{unused[0]}', but no method "
                               "of continual.methods trains it, so they would be ignored")
     for cell, cfg in cells:
-        bench.check_cell_config(cell, cfg)
+        bench.check_cell_config(cell, cfg, "continual.output_dir")
     return cells
 
 

@@ -278,7 +278,7 @@ def test_the_shared_data_recipe_writes_its_pools(tmp_path, data_dir, monkeypatch
 
 # ------------------------------------------------------------------------------------------ end to end
 
-def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_model_dir, monkeypatch):
+def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
     out = tmp_path / "out"
     path = _write(tmp_path, _base(out, tiny_model_dir))
     real = bench.run_cell
@@ -330,6 +330,9 @@ def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_mo
     ran.clear()  # a third run recomputes nothing and writes the same numbers
     assert main(["continual", str(path), "--quiet"]) == 0
     assert ran == [] and json.loads((out / "continual.json").read_text()) == result
+    # a changed setting of a finished stage is refused, naming the continual section's key
+    assert main(["continual", str(path), "--quiet", "train.lr=0.5"]) == 2
+    assert "started with another config" in (err := capsys.readouterr().err) and "continual.output_dir" in err
 
 
 def test_paired_differences_take_the_seed_as_the_unit():
