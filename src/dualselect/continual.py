@@ -27,8 +27,8 @@ its own directory (bench.run_cell): resumable as a run is, skipped once its done
 
 Data (OUTPUT_DIR/data, files named by their content): each stage's training rows (its task source with the
 base and stage data settings: task_limit, task_shuffle, harmful mix, format, columns; then fixed for every
-method), the safety pool (data.reference), and per stage the retention pool ({pool}: the safety pool + a seeded sample of
-the earlier stages' training rows, ids prefixed by their source, continual_pool) and the replay set
+method), the safety pool (data.reference), and per stage the retention pool ({pool}: the safety pool + a
+seeded sample of the earlier stages' training rows, ids prefixed by their source, continual_pool) and the replay set
 ({replay}: the stage's rows + the same sample of earlier rows, no safety rows). Same retention sample for
 replay, agem and dualselect-retention. Every stage's eval leaves out the prompts of all these rows
 (eval.train_files), so every cell scores the same prompts of a benchmark.
@@ -520,8 +520,7 @@ def continual_status(path: str | Path, overrides: list[str] = (), only: dict[str
     units = [(m, "stages", cell_of(cc, m, s, k).path) for s in seeds for m in methods for k in range(len(cc.stages))]
     from .bench_status import unit_status
 
-    return unit_status(units, Path(cc.output_dir), Path(cc.archive) if cc.archive else None, ["stages"],
-                             methods)
+    return unit_status(units, Path(cc.output_dir), Path(cc.archive) if cc.archive else None, ["stages"], methods)
 
 
 def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = False,
