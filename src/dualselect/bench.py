@@ -506,7 +506,7 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
                                              "cells": [{"name": c.name, "labels": c.labels, "overrides": c.overrides}
                                                        for c in cells]}, indent=2) + "\n")
     todo = [c for c in cells if not (c.path / DONE).exists()]
-    durations = [_seconds(c.path / DONE) for c in cells if (c.path / DONE).exists()]
+    durations = [seconds_of(c.path / DONE) for c in cells if (c.path / DONE).exists()]
     log.info("bench %s: %d cells, %d done, %d to run", out, len(cells), len(cells) - len(todo), len(todo))
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), disable=quiet, desc="bench", unit="cell")
     for i, cell in enumerate(todo):
@@ -548,7 +548,8 @@ def _axis_labels(bench: BenchConfig, axis: str) -> list[str]:
     return [] if values is None else [label for label, _ in _axis_values(axis, values)]
 
 
-def _seconds(path: Path) -> float:
+def seconds_of(path: Path) -> float:
+    """A finished unit's train + eval seconds, from its done.json."""
     d = json.loads(path.read_text())
     return d["train_seconds"] + d["eval_seconds"]
 
@@ -580,13 +581,13 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
             raise DualSelectError(f"bench.baseline {baseline!r} is not a method of the grid ({', '.join(runs)})")
         rep = report.compare(runs, baseline=baseline, resamples=bench.resamples, permutations=bench.permutations)
         written[key] = report.write_report(rep, out / "report" / _slug(key), *(bench.plot or (None, None)))
-    minutes = sum(_seconds(c.path / DONE) for c in cells) / 60
+    minutes = sum(seconds_of(c.path / DONE) for c in cells) / 60
     head = f"{len(cells)} cells; train + eval time of the cells {minutes:.1f} min."
     head += "".join(f"\n\nNote: {n}." for n in notes)
     if tuning and tuning.get("methods"):
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]
         head += (f"\n\n## Tuning\n\n{tune_markdown(tuning)}\n\n{len(tuned)} tuning cells, "
-                 f"{sum(_seconds(p) for p in tuned) / 60:.1f} min.")
+                 f"{sum(seconds_of(p) for p in tuned) / 60:.1f} min.")
     tables_md = {key: report.markdown(w["report"]) + _task_filter_md(tables[key], configs)
                  for key, w in written.items()}
     text = f"# Bench {out}\n\n{head}\n\n" + "\n\n".join(f"## {key}\n\n{md}" for key, md in tables_md.items())

@@ -35,7 +35,7 @@ def unit_status(units: list[tuple[str, str, Path]], out: Path, archive: Path | N
     def state(unit: Path) -> tuple[str, float | None]:
         for where, d in (("done", unit), ("archived", archive / unit.relative_to(out) if archive else None)):
             if d is not None and (d / b.DONE).exists():
-                return where, b._seconds(d / b.DONE)
+                return where, b.seconds_of(d / b.DONE)
         return ("started" if (unit / b.CELL_CONFIG).exists() else "todo"), None
 
     rows = {m: {k: {"done": 0, "archived": 0, "started": 0, "todo": 0, "seconds": []} for k in kinds}

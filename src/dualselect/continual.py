@@ -474,8 +474,11 @@ def stage_config(cc: ContinualConfig, base: dict, label: str, base_overrides: li
 
 
 def plan(cc: ContinualConfig, base: dict, label: str, base_overrides: list[str], registry: dict, data: StageData,
-         aligned: Path | None = None, align_data: list[str] = ()) -> list[tuple[bench.Cell, Any]]:
-    """Every (cell, run config), seeds slowest, then methods, then stages in order; all checked before a run."""
+         aligned: Path | None = None, align_data: list[str] = (), methods: list[str] | None = None,
+         seeds: list[int] | None = None) -> list[tuple[bench.Cell, Any]]:
+    """The (cell, run config) of the selected methods and seeds (all by default), seeds slowest, then methods,
+    then stages in order. The config is checked for every method; a started cell's saved config against its
+    new one only for the selected cells (a method another process runs may be mid-change)."""
     cells = []
     for seed in cc.seeds:
         for method in cc.methods:
@@ -492,6 +495,8 @@ def plan(cc: ContinualConfig, base: dict, label: str, base_overrides: list[str],
     if unused:
         raise DualSelectError(f"{label}: section '{unused[0]}' sets options of method '{unused[0]}', but no method "
                               "of continual.methods trains it, so they would be ignored")
+    cells = [(c, cfg) for c, cfg in cells if (methods is None or c.method in methods)
+             and (seeds is None or int(c.labels[bench.SEED_AXIS]) in seeds)]
     for cell, cfg in cells:
         bench.check_cell_config(cell, cfg, "continual.output_dir")
     return cells
@@ -550,8 +555,7 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
             log.warning("%s", warning)
             notes.append(warning)
     data = prepare_data(cc, base, label, base_overrides, registry)
-    cells = [(c, cfg) for c, cfg in plan(cc, base, label, base_overrides, registry, data, aligned, align_data)
-             if c.method in methods and int(c.labels[bench.SEED_AXIS]) in seeds]
+    cells = plan(cc, base, label, base_overrides, registry, data, aligned, align_data, methods, seeds)
     write_atomic(out / MANIFEST, json.dumps({"config": str(path), "overrides": list(overrides), "stages": data.facts,
                                              "aligned": str(aligned) if aligned else None,
                                              "cells": [str(c.path) for c, _ in cells]}, indent=2) + "\n")

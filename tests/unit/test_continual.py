@@ -259,6 +259,15 @@ def test_the_recipes_load_and_every_stage_run_is_valid(tmp_path):
             if cell.method == "replay":
                 assert cfg.data.task == str(tmp_path / f"r{k}.jsonl")
         assert cc.retention.per_stage and cc.retention.quotas.get("safety")
+        # a selection (--only) plans its own cells, and a changed config of another method's started cell (which
+        # another process may be running) does not block it; the whole plan still refuses it
+        other = next(c for c, _ in cells if c.method == "replay")
+        (other.path / "cell.yaml").parent.mkdir(parents=True)
+        (other.path / "cell.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.123}}))
+        mine = continual.plan(cc, base, label, ovr, method_configs(), fake, methods=["sft", "agem"], seeds=[1])
+        assert [(c.method, c.labels[bench.SEED_AXIS]) for c, _ in mine] == [("sft", "1")] * n + [("agem", "1")] * n
+        with pytest.raises(DualSelectError, match="started with another config"):
+            continual.plan(cc, base, label, ovr, method_configs(), fake)
 
 
 def test_the_shared_data_recipe_writes_its_pools(tmp_path, data_dir, monkeypatch):

@@ -52,16 +52,17 @@ def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float |
             raise DualSelectError(f"step {ev.get('step')}: kept id {missing[0]!r} is not among its candidates")
         finite = all(math.isfinite(x) for x in [*losses, *cos])
         spread = (abs(mu), abs(nu)) if zscore else (abs(mu) * pstdev(losses), abs(nu) * pstdev(cos))
+        flags = [cid in harmful for cid in ids]
         rows.append({
-            "step": ev.get("step"), "n": len(ids), "harmful": [cid in harmful for cid in ids],
+            "step": ev.get("step"), "n": len(ids), "harmful": flags,
             "kept": {where[i] for i in ev["ids"]},
             "loss_only": _keep(losses, k, tokens, budget) if finite else None,
             "cosine_only": _keep([-c for c in cos], k, tokens, budget) if finite else None,
             "loss_spread": spread[0], "cosine_spread": spread[1],
-            "harmful_loss": [x for x, h in zip(losses, (cid in harmful for cid in ids)) if h],
-            "other_loss": [x for x, h in zip(losses, (cid in harmful for cid in ids)) if not h],
-            "harmful_cos": [x for x, h in zip(cos, (cid in harmful for cid in ids)) if h],
-            "other_cos": [x for x, h in zip(cos, (cid in harmful for cid in ids)) if not h],
+            "harmful_loss": [x for x, h in zip(losses, flags) if h],
+            "other_loss": [x for x, h in zip(losses, flags) if not h],
+            "harmful_cos": [x for x, h in zip(cos, flags) if h],
+            "other_cos": [x for x, h in zip(cos, flags) if not h],
         })
     return rows
 
