@@ -62,6 +62,7 @@ from .config import (
 )
 from .errors import DualSelectError
 from .logs import write_atomic
+from .runinfo import read_run_info
 from .tune import TuneConfig, tune_stage
 from .tune import markdown as tune_markdown
 
@@ -69,6 +70,7 @@ log = logging.getLogger("dualselect")
 
 METHOD_AXIS, SEED_AXIS = "method", "train.seed"
 DONE, CELL_CONFIG, MANIFEST = "done.json", "cell.yaml", "bench.json"
+ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: the torch threads its alignment used
 ALIGNED = "aligned"  # the report row of the aligned model (and its directory)
 ALIGN_DATA = "{align_data}"  # in a cell's overrides: the alignment stage's data file (e.g. Lisa's data.reference)
 BASELINE = "{baseline}"  # as eval.baseline: the adapter of the baseline method's cell with the same other labels
@@ -344,8 +346,25 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
         log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
         train(cfg, resume=started)
     models.merge_adapter(cfg.model.name_or_path, run_dir / "adapter", merged, cfg.model.trust_remote_code)
+    threads = read_run_info(run_dir).get("machine", {}).get("torch_threads")
+    write_atomic(merged / ALIGN_INFO, json.dumps({"threads": threads, "run_dir": str(run_dir)}, indent=2) + "\n")
     log.info("aligned model merged into %s", merged)
     return merged, seen
+
+
+def prepare_aligned(bench: BenchConfig, base: dict, label: str, method_configs: dict,
+                    archive: str | None) -> tuple[Path | None, list[str], list[str]]:
+    """The alignment stage (align_stage), then its weights' hash against the archive's record: (the merged model
+    dir or None, the data it trained on, warnings for the report)."""
+    aligned, seen = align_stage(bench, base, label, method_configs)
+    notes = []
+    if archive and aligned is not None:
+        info = aligned / ALIGN_INFO
+        threads = json.loads(info.read_text()).get("threads") if info.exists() else None
+        if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), threads):
+            log.warning("%s", warning)
+            notes.append(warning)
+    return aligned, seen, notes
 
 
 def _align_key(cfg) -> str:
@@ -443,6 +462,27 @@ def _baseline_cells(bench: BenchConfig, cells: list[Cell]) -> dict[str, Cell | N
     return {c.name: by_rest.get(rest(c)) for c in cells}
 
 
+def aligned_summary(aligned: Path | None, notes: list[str]) -> str:
+    """What --align-only prints: the merged model, its weights' hash and thread count, and any warning."""
+    if aligned is None:
+        return "no alignment stage in this config (its align setting is not set)\n"
+    info = aligned / ALIGN_INFO
+    threads = json.loads(info.read_text()).get("threads") if info.exists() else None
+    lines = [f"aligned model: {aligned}", f"weights sha256: {bench_archive.model_sha256(aligned)}",
+             f"alignment threads: {threads if threads else 'not recorded'}", *(f"warning: {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def align_only(path: str | Path, overrides: list[str] = ()) -> str:
+    """`dualselect bench CONFIG --align-only`: the alignment stage alone (e.g. with both cores before the
+    one-core processes of a grid start), checked against the archive's record; runs no cell."""
+    from .methods import method_configs
+
+    bench, base, label, _ = load_bench(path, list(overrides))
+    aligned, _, notes = prepare_aligned(bench, base, label, method_configs(), bench.archive)
+    return aligned_summary(aligned, notes)
+
+
 def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
               only: dict[str, list[str]] | None = None) -> dict:
     """Run (or resume) the grid of the bench config at `path`; `only` restricts it to some axis values."""
@@ -462,12 +502,7 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     out = Path(bench.output_dir)
     if bench.archive:
         bench_archive.restore(Path(bench.archive), out)
-    aligned, align_data = align_stage(bench, base, label, registry)
-    notes = []
-    if bench.archive and aligned is not None:
-        if warning := bench_archive.check_aligned(Path(bench.archive), aligned, models.cpu_name()):
-            log.warning("%s", warning)
-            notes.append(warning)
+    aligned, align_data, notes = prepare_aligned(bench, base, label, registry, bench.archive)
     from .eval.run import check_benchmarks
 
     # every benchmark readable and with prompts left after the overlap check, before hours of runs

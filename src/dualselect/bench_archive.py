@@ -116,19 +116,31 @@ def model_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def check_aligned(archive: Path, aligned: Path, machine: str) -> str | None:
-    """Record the aligned model's weights hash in the archive (first time), or compare with the recorded one.
-    Returns a warning line when they differ (cells of this run start from another aligned model than the
-    archived ones: same recipe, other float rounding, e.g. another CPU kind), else None."""
+def check_aligned(archive: Path, aligned: Path, machine: str, threads: int | None = None) -> str | None:
+    """Record the aligned model's weights hash in the archive (first time), or compare with the recorded ones.
+    `threads`: the torch thread count its alignment trained with (matrix products round differently with
+    another count, so it is part of what reproduces the weights). Returns a warning line when the hash is not
+    among the recorded ones (cells of this run start from another aligned model than the archived ones: same
+    recipe, other float rounding), else None."""
     sha = model_sha256(aligned)
     path = Path(archive) / ALIGNED_FILE
     record = json.loads(path.read_text()) if path.exists() else {"models": []}
-    known = {m["sha256"] for m in record["models"]}
+    known = {m["sha256"]: m for m in record["models"]}
     if sha not in known:
-        record["models"].append({"sha256": sha, "machine": machine})
+        record["models"].append({"sha256": sha, "machine": machine, "threads": threads})
         write_atomic(path, json.dumps(record, indent=2) + "\n")
-    if known and sha not in known:
-        return (f"the aligned model's weights ({sha[:12]}) differ from the archived cells' ({', '.join(sorted(k[:12] for k in known))}): "
-                "the same alignment recipe gave other float rounding on this machine, so this run's cells start "
-                "from a slightly different aligned model (recorded in " + str(path) + ")")
-    return None
+    if not known or sha in known:
+        return None
+    archived = ", ".join(f"{k[:12]} ({_with_threads(m.get('threads'))})" for k, m in sorted(known.items()))
+    hint = ""
+    counts = sorted({m["threads"] for m in known.values() if m.get("threads")})
+    if counts and threads not in counts:
+        hint = (f"; to start from the archived weights, delete {aligned} and align alone with "
+                f"OMP_NUM_THREADS={counts[0]} (`--align-only`) before the runs")
+    return (f"the aligned model's weights ({sha[:12]}, {_with_threads(threads)}) differ from the archived cells' "
+            f"({archived}): the same alignment recipe gave other float rounding (another thread count or CPU "
+            f"kind), so this run's cells start from a slightly different aligned model (recorded in {path}){hint}")
+
+
+def _with_threads(n: int | None) -> str:
+    return f"trained with {n} thread{'s' * (n != 1)}" if n else "thread count not recorded"

@@ -229,8 +229,13 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--status", action="store_true",
                    help="print what the grid has finished (here and in bench.archive) and the compute left, and "
                         "run nothing")
+    p.add_argument("--align-only", action="store_true", help=ALIGN_ONLY_HELP)
     args = p.parse_intermixed_args(argv)
     only = _only(args.only, "data.harmful_ratio=0.1")
+    if args.align_only:
+        _refuse_with_align_only(args)
+        print(bench.align_only(args.config, args.overrides), end="")
+        return 0
     if args.status:
         from . import bench_status
 
@@ -240,6 +245,17 @@ def cmd_bench(argv: list[str]) -> int:
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
     print(f"report: {result['path']}")
     return 0
+
+
+ALIGN_ONLY_HELP = ("run the alignment stage alone (with every core the process may use) and print the aligned "
+                   "model's weights hash and thread count; the thread count changes float rounding, so align "
+                   "with the thread count the archive records before starting one-core processes")
+
+
+def _refuse_with_align_only(args) -> None:
+    given = [name for name, on in (("--status", args.status), ("--only", args.only), ("--quiet", args.quiet)) if on]
+    if given:
+        raise DualSelectError(f"--align-only runs the alignment stage alone; it takes no {given[0]}")
 
 
 def _only(specs: list[str], example: str) -> dict[str, list[str]]:
@@ -269,8 +285,13 @@ def cmd_continual(argv: list[str]) -> int:
     p.add_argument("--status", action="store_true",
                    help="print the stage runs finished (here and in continual.archive) and the compute left, and "
                         "run nothing")
+    p.add_argument("--align-only", action="store_true", help=ALIGN_ONLY_HELP)
     args = p.parse_intermixed_args(argv)
     only = _only(args.only, "method=sft,replay")
+    if args.align_only:
+        _refuse_with_align_only(args)
+        print(continual.align_only(args.config, args.overrides), end="")
+        return 0
     if args.status:
         from .bench_status import markdown
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bench, bench_archive, continual_metrics, continual_pool, models
+from . import bench, bench_archive, continual_metrics, continual_pool
 from .config import from_dict, load_config, parse_override, read_config_file
 from .errors import DualSelectError
 from .logs import write_atomic
@@ -541,19 +541,10 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
     if quiet:
         base_overrides += ["train.quiet=true", "eval.quiet=true"]
     registry = method_configs()
-    aligned, align_data = None, []
-    if cc.align is not None:
-        bc = bench.BenchConfig(output_dir=cc.output_dir, grid={"stage": {"all": []}}, align=cc.align,
-                               align_data=cc.align_data)
-        aligned, align_data = bench.align_stage(bc, base, label, registry)
+    aligned, align_data, notes = align(cc, base, label, registry)
     out = Path(cc.output_dir)
-    notes = []
     if cc.archive:
         bench_archive.restore(Path(cc.archive), out)
-        if aligned is not None and (warning := bench_archive.check_aligned(Path(cc.archive), aligned,
-                                                                           models.cpu_name())):
-            log.warning("%s", warning)
-            notes.append(warning)
     data = prepare_data(cc, base, label, base_overrides, registry)
     cells = plan(cc, base, label, base_overrides, registry, data, aligned, align_data, methods, seeds)
     write_atomic(out / MANIFEST, json.dumps({"config": str(path), "overrides": list(overrides), "stages": data.facts,
@@ -593,6 +584,25 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
         for f in sorted(p for p in (out / "report").iterdir() if p.is_file()):
             write_atomic(Path(cc.archive) / "report" / f.name, f.read_bytes())
     return {"result": result, "path": out / RESULTS, **written}
+
+
+def align(cc: ContinualConfig, base: dict, label: str, registry: dict) -> tuple[Path | None, list[str], list[str]]:
+    """The alignment stage of continual.align (a bench alignment stage), checked against the archive's record:
+    (the merged model dir or None, its data, warnings)."""
+    if cc.align is None:
+        return None, [], []
+    bc = bench.BenchConfig(output_dir=cc.output_dir, grid={"stage": {"all": []}}, align=cc.align,
+                           align_data=cc.align_data)
+    return bench.prepare_aligned(bc, base, label, registry, cc.archive)
+
+
+def align_only(path: str | Path, overrides: list[str] = ()) -> str:
+    """`dualselect continual CONFIG --align-only`: the alignment stage alone, checked against the archive."""
+    from .methods import method_configs
+
+    cc, base, label, _ = load_continual(path, list(overrides))
+    aligned, _, notes = align(cc, base, label, method_configs())
+    return bench.aligned_summary(aligned, notes)
 
 
 def _archive_chain(cc: ContinualConfig, chain: list[bench.Cell]) -> None:

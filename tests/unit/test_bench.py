@@ -390,10 +390,54 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     assert again["tables"]["all"]["report"]["results"] == first["tables"]["all"]["report"]["results"]
     assert "Note:" not in again["markdown"]
 
+    import torch
+
     record = json.loads((arch / "aligned.json").read_text())
+    threads = torch.get_num_threads()
+    assert [m["threads"] for m in record["models"]] == [threads]  # what the alignment trained with
     record["models"][0]["sha256"] = "0" * 64  # as if the archived cells came from another machine's alignment
     (arch / "aligned.json").write_text(json.dumps(record))
-    assert "differ from the archived cells' (000000000000)" in bench.run_bench(path, quiet=True)["markdown"]
+    plural = "s" * (threads != 1)
+    note = bench.run_bench(path, quiet=True)["markdown"]
+    assert f"differ from the archived cells' (000000000000 (trained with {threads} thread{plural}))" in note
+    assert "OMP_NUM_THREADS" not in note  # the same thread count: nothing to advise
+
+
+def test_check_aligned_records_the_thread_count_and_says_how_to_match_it(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    arch = tmp_path / "arch"
+    assert bench.bench_archive.check_aligned(arch, model, "cpu A", 2) is None  # first record
+    assert bench.bench_archive.check_aligned(arch, model, "cpu A", 1) is None  # same weights: nothing to say
+    (model / "model.safetensors").write_bytes(b"other rounding")
+    warning = bench.bench_archive.check_aligned(arch, model, "cpu A", 1)
+    assert "trained with 1 thread)" in warning and "trained with 2 threads" in warning
+    assert f"delete {model} and align alone with OMP_NUM_THREADS=2 (`--align-only`)" in warning
+    record = json.loads((arch / "aligned.json").read_text())["models"]
+    assert [m["threads"] for m in record] == [2, 1]
+    # an old record (no thread count) and another CPU kind: the warning says so and advises nothing
+    (arch / "aligned.json").write_text(json.dumps({"models": [{"sha256": "f" * 64, "machine": "cpu B"}]}))
+    warning = bench.bench_archive.check_aligned(arch, model, "cpu A", 2)
+    assert "(ffffffffffff (thread count not recorded))" in warning and "OMP_NUM_THREADS" not in warning
+
+
+def test_align_only_aligns_and_runs_no_cell(tiny_link, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setenv("DUALSELECT_CACHE", str(tmp_path / "cache"))
+    path = bench_yaml(tiny_link)
+    path.write_text(path.read_text().replace("  resamples: 200", f"  align: [data.task={tiny_link}/refs.jsonl]\n"
+                                             f"  archive: {tiny_link / 'arch'}\n  resamples: 200"))
+    assert main(["bench", str(path), "--align-only", "--status"]) == 2
+    assert "takes no --status" in capsys.readouterr().err
+    assert main(["bench", str(path), "--align-only"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tiny_link / "arch" / "aligned.json").read_text())["models"]
+    assert f"weights sha256: {record[0]['sha256']}" in out
+    assert f"alignment threads: {torch.get_num_threads()}" in out and record[0]["threads"] == torch.get_num_threads()
+    assert not list((tiny_link / "out").rglob("done.json")) and not (tiny_link / "out" / "cells").exists()
+    assert main(["bench", str(path), "--align-only"]) == 0 and capsys.readouterr().out == out  # cached: the same
 
 
 def test_only_one_method_keeps_the_other_methods_sections(tiny_link):

@@ -475,3 +475,11 @@ def test_status_counts_stage_runs_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert main(["continual", str(path), "--status", "--only", "method=replay"]) == 0
     assert "| replay | 4/4 (2 archived) | 0.0 |" in capsys.readouterr().out
+
+
+def test_align_only_without_an_alignment_stage_says_so(tmp_path, capsys):
+    path = _write(tmp_path, _base(tmp_path / "out"))
+    assert main(["continual", str(path), "--align-only"]) == 0
+    assert "no alignment stage" in capsys.readouterr().out and not (tmp_path / "out" / "runs").exists()
+    assert main(["continual", str(path), "--align-only", "--only", "method=replay"]) == 2
+    assert "takes no --only" in capsys.readouterr().err
