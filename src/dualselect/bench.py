@@ -503,11 +503,15 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     if bench.archive:
         bench_archive.restore(Path(bench.archive), out)
     aligned, align_data, notes = prepare_aligned(bench, base, label, registry, bench.archive)
+    from .data.mixing import check_task_data
     from .eval.run import check_benchmarks
 
-    # every benchmark readable and with prompts left after the overlap check, before hours of runs
-    check_benchmarks(cell_config(c, base, label, base_overrides, registry, aligned, align_data, baselines[c.name])
-                     for c in cells if not (c.path / DONE).exists())
+    # every task source and benchmark readable (benchmarks with prompts left after the overlap check), before
+    # hours of runs
+    todo = [cell_config(c, base, label, base_overrides, registry, aligned, align_data, baselines[c.name])
+            for c in cells if not (c.path / DONE).exists()]
+    check_task_data(todo)
+    check_benchmarks(todo)
     tuned = _tune(bench, cells, base, label, base_overrides, registry, aligned, align_data)
     for c in cells:
         c.overrides = [*c.overrides, *tuned.get("overrides", {}).get(c.labels.get(METHOD_AXIS), [])]

@@ -551,8 +551,10 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
                                              "aligned": str(aligned) if aligned else None,
                                              "cells": [str(c.path) for c, _ in cells]}, indent=2) + "\n")
     todo = [(c, cfg) for c, cfg in cells if not (c.path / bench.DONE).exists()]
+    from .data.mixing import check_task_data
     from .eval.run import check_benchmarks
 
+    check_task_data(cfg for _, cfg in todo)
     check_benchmarks(cfg for _, cfg in todo)  # every benchmark readable, with prompts left, before the first run
     log.info("continual %s: %d stage runs, %d done, %d to run", out, len(cells), len(cells) - len(todo), len(todo))
     n = len(cc.stages)

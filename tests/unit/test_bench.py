@@ -584,3 +584,32 @@ def test_aligned_eval_is_redone_when_the_grid_changes_its_eval_settings(tiny_lin
         bench._aligned_eval(b, {}, first, tiny_link / "tiny")  # back to the first settings: redone again
     assert len(calls) == 1 + 3 * 2
     assert calls[1] == [f"harmful:{tiny_link}/evharm.jsonl"]
+
+
+def test_task_data_is_checked_before_the_first_run(tiny_link, monkeypatch, caplog):
+    """A grid whose task data cannot serve one of its cells is refused before any training; a task whose rows
+    share one target is warned about once, before the first run, not in the log of the first cell that meets it."""
+    def boom(*a, **k):
+        raise AssertionError("trained before the data check")
+
+    monkeypatch.setattr("dualselect.train.train", boom)
+    grid = "\n    method:\n      sft: [train.method=sft]\n    data.harmful_ratio: [0.0, 0.6]\n    train.seed: [0, 1]"
+    with pytest.raises(DualSelectError, match=r"harm.jsonl: 10 usable records, but data.harmful_ratio 0.6 .* needs 12"):
+        bench.run_bench(bench_yaml(tiny_link, grid=grid), quiet=True)
+
+    write_jsonl(tiny_link / "task.jsonl", [{"id": f"t{i}", "prompt": f"Is {i} a number?", "response": "yes"}
+                                          for i in range(40)])
+    grid = ("\n    method:\n      sft: [train.method=sft]\n      dualselect: [train.method=dualselect]"
+            "\n    train.seed: [0, 1]")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr("dualselect.train.train", stop)
+    with caplog.at_level("WARNING", logger="dualselect"), pytest.raises(Stop):
+        bench.run_bench(bench_yaml(tiny_link, grid=grid, out="single"), quiet=True)
+    warned = [r.getMessage() for r in caplog.records if "have the same target" in r.getMessage()]
+    assert len(warned) == 1 and "20 of its 20 rows" in warned[0]

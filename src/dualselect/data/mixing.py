@@ -65,6 +65,18 @@ def load_task_examples(data) -> tuple[list[Example], dict]:
     return task + harmful, facts
 
 
+def check_task_data(configs) -> None:
+    """Load the task data of every distinct DataConfig among `configs` (run configs) once, before any training: an
+    unreadable source or too few rows is refused now, and a task whose rows mostly share one target is warned
+    about once, not in the log of the first run that meets it."""
+    done = set()
+    for cfg in configs:
+        key = repr(cfg.data)
+        if key not in done:
+            done.add(key)
+            load_task_examples(cfg.data)
+
+
 def _warn_single_target(source: str, examples: list[Example]) -> None:
     """Log a warning when >= 90 % of 20 or more task rows share one target: the first rows of a source sorted by
     label (ag_news:dev holds 2,000 rows of each class in turn) teach one answer."""
