@@ -598,6 +598,12 @@ def align(cc: ContinualConfig, base: dict, label: str, registry: dict) -> tuple[
     return bench.prepare_aligned(bc, base, label, registry, cc.archive)
 
 
+def _mean_counts(counts: list[dict[str, int]], n: int | None = None) -> dict[str, float]:
+    """Key -> its mean count over n runs (len(counts) by default; a run without the key counts 0)."""
+    n = n or len(counts)
+    return {key: sum(c.get(key, 0) for c in counts) / n for key in sorted({k for c in counts for k in c})}
+
+
 def align_only(path: str | Path, overrides: list[str] = ()) -> str:
     """`dualselect continual CONFIG --align-only`: the alignment stage alone, checked against the archive."""
     from .methods import method_configs
@@ -628,8 +634,9 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
               if b not in task_benchmarks and parse_spec(b)[0] in ("harmful", "overrefusal")}
     chosen, seeds = methods or list(cc.methods), seeds or list(cc.seeds)
     methods = {}
+    targets = [continual_metrics.label_targets(pool) for pool in data.pools]
     for method in chosen:
-        per_seed, refs = [], {}
+        per_seed, refs, by_target, answers = [], {}, {}, {}
         for seed in seeds:
             values = {}
             for k in range(len(cc.stages)):
@@ -637,16 +644,23 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
                 kinds = {**{b: "task" for b in task_benchmarks[:k + 1]}, **safety}
                 for name, v in continual_metrics.stage_values(cell.path / "eval", kinds).items():
                     values[(k, name)] = v
+                for name, a in continual_metrics.answer_shares(cell.path / "eval", task_benchmarks[:k + 1]).items():
+                    answers.setdefault((k, name), []).append(a)
                 for r, counts in enumerate(continual_metrics.reference_counts(cell.path / "train"), 1):
                     refs.setdefault((k, r), []).append(counts)
+                for r, counts in enumerate(continual_metrics.reference_targets(cell.path / "train", targets[k]), 1):
+                    by_target.setdefault((k, r), []).append(counts)
             per_seed.append(values)
         summary = continual_metrics.summarize_method([s.name for s in cc.stages], task_benchmarks, safety, per_seed,
                                                      cc.resamples, 0, method)
         summary["references"] = [
-            {"stage": cc.stages[k].name, "refresh": r,
-             "mean_by_source": {src: sum(c.get(src, 0) for c in counts) / len(counts)
-                                for src in sorted({s for c in counts for s in c})}}
+            {"stage": cc.stages[k].name, "refresh": r, "mean_by_source": _mean_counts(counts),
+             "mean_by_target": _mean_counts(by_target.get((k, r), []), len(counts))}
             for (k, r), counts in sorted(refs.items())]
+        summary["answers"] = [  # the most frequent answer to each label task's prompts, per seed
+            {"stage": cc.stages[k].name, "benchmark": name, "per_seed": shares,
+             "mean_share": sum(a["share"] for a in shares) / len(shares)}
+            for (k, name), shares in sorted(answers.items(), key=lambda kv: (kv[0][0], task_benchmarks.index(kv[0][1])))]
         summary["train_method"] = next(cfg.train.method for c, cfg in cells if c.method == method)
         methods[method] = summary
     comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()

@@ -14,12 +14,14 @@ The functions of a matrix work on floats and elementwise on numpy arrays alike (
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .continual_pool import counts_by_source
+from .continual_pool import SAFETY, counts_by_source, source_of
 from .eval import report as eval_report
 from .eval.figures import read_refreshes
 
@@ -107,6 +109,45 @@ def stage_values(eval_dir: Path, benchmarks: dict[str, str]) -> dict[str, list[f
 def reference_counts(train_dir: Path) -> list[dict[str, int]]:
     """Per refresh of a train run (selection.jsonl refresh events): chosen references per source."""
     return [counts_by_source(ids) for ids in read_refreshes(train_dir)]
+
+
+def answer_shares(eval_dir: Path, benchmarks: Sequence[str]) -> dict[str, dict]:
+    """Per label-graded benchmark among `benchmarks` of one stage's eval dir: its most frequent answer (None: no
+    label found) and that answer's share of the prompts. A share near 1 is a collapse to one answer, whatever the
+    input: accuracy alone hides it (the share of that label among the gold answers)."""
+    run = eval_report.load_run("stage", Path(eval_dir))
+    out = {}
+    for name in benchmarks:
+        recs = list(run.samples.get(name, {}).values())
+        if recs and all(r.get("grader") == "label" for r in recs):
+            answer, n = Counter(r.get("pred") for r in recs).most_common(1)[0]
+            out[name] = {"answer": answer, "share": n / len(recs)}
+    return out
+
+
+MAX_LABELS = 10  # a retained source with at most this many distinct targets is a label task
+
+
+def label_targets(pool_file: Path | None) -> dict[str, str]:
+    """id -> target (the last message) of a pool file's retained rows (not the safety part) whose source has at
+    most MAX_LABELS distinct targets; {} without a pool."""
+    if pool_file is None:
+        return {}
+    by_source: dict[str, dict[str, str]] = {}
+    with open(pool_file, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            src = source_of(row["id"])
+            if src != SAFETY and row.get("messages"):
+                by_source.setdefault(src, {})[row["id"]] = str(row["messages"][-1].get("content", "")).strip()
+    return {i: t for rows in by_source.values() if len(set(rows.values())) <= MAX_LABELS for i, t in rows.items()}
+
+
+def reference_targets(train_dir: Path, targets: dict[str, str]) -> list[dict[str, int]]:
+    """Per refresh of a train run: the chosen references among `targets` (label_targets), counted by
+    "source: target"."""
+    return [dict(Counter(f"{source_of(i)}: {targets[i]}" for i in ids if i in targets))
+            for ids in read_refreshes(train_dir)]
 
 
 def summarize_method(stage_names: list[str], task_benchmarks: list[str], safety: dict[str, str],

@@ -77,9 +77,22 @@ def markdown(result: dict) -> str:
         lines += ["## References chosen per source", "",
                   ("Per refresh of the methods that refresh a reference set: the chosen references by source (the "
                    "prefix of their ids: safety, or the earlier stage they were retained from), mean over seeds."), ""]
-        rows = [[m, r["stage"], str(r["refresh"]), *(f"{r['mean_by_source'].get(s, 0):g}" for s in sources)]
+        rows = [[m, r["stage"], str(r["refresh"]), *(f"{r['mean_by_source'].get(s, 0):g}" for s in sources),
+                 ", ".join(f"{t} {n:g}" for t, n in r.get("mean_by_target", {}).items()) or "-"]
                 for m, r in refs]
-        lines += [*_table(["method", "stage", "refresh", *sources], rows), ""]
+        lines += [*_table(["method", "stage", "refresh", *sources, "retained rows by target"], rows), ""]
+
+    answers = [(m, a) for m, info in methods.items() for a in info.get("answers", [])]
+    if answers:
+        tasks = list(dict.fromkeys(a["benchmark"] for _, a in answers))
+        lines += ["## Most frequent answer", "",
+                  ("Per label task, after every stage: the share of its test prompts given the most frequent answer "
+                   "(mean over seeds, in percent) and that answer per seed. Near 100: the model answers one label "
+                   "whatever the input, which accuracy alone does not show."), ""]
+        cells = {(m, a["stage"], a["benchmark"]): a for m, a in answers}
+        rows = [[m, stage, *(_answer_text(cells.get((m, stage, b))) for b in tasks)]
+                for m, stage in dict.fromkeys((m, a["stage"]) for m, a in answers)]
+        lines += [*_table(["method", "after stage", *(short_name(b) for b in tasks)], rows), ""]
 
     if result.get("comparisons"):
         lines += ["## Paired differences", "",
@@ -102,6 +115,12 @@ def markdown(result: dict) -> str:
     notes += result.get("notes", [])
     lines += ["## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _answer_text(a: dict | None) -> str:
+    if a is None:
+        return "-"
+    return f"{100 * a['mean_share']:.1f} ({', '.join(str(x['answer']) for x in a['per_seed'])})"
 
 
 def _value(cell: dict | None) -> float:

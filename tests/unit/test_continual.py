@@ -237,6 +237,38 @@ def test_summary_of_a_method_by_hand():
 
 # ------------------------------------------------------------------------------------------ recipes
 
+def test_answer_shares_targets_and_chosen_references_by_target(tmp_path):
+    """The most frequent answer of a label task (a collapse shows as a share near 1), and the retained references
+    of each refresh counted by target, on hand-built files."""
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text(json.dumps({"benchmarks": [
+        {"name": "task:s", "kind": "task", "n": 4}, {"name": "task:m", "kind": "task", "n": 2}]}))
+    preds = ["negative", "negative", "positive", "negative"]
+    rows = [{"benchmark": "task:s", "id": f"s{i}", "grader": "label", "pred": p, "correct": i < 2}
+            for i, p in enumerate(preds)]
+    rows += [{"benchmark": "task:m", "id": f"m{i}", "grader": "number", "pred": "7", "correct": True} for i in range(2)]
+    (ev / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert continual_metrics.answer_shares(ev, ["task:s", "task:m", "task:absent"]) == {
+        "task:s": {"answer": "negative", "share": 0.75}}
+
+    def row(i, target):
+        return {"id": i, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": target}]}
+    pool = tmp_path / "pool.jsonl"
+    lines = [row("safety/a", "I can't help."), row("sst2/x1", "negative"), row("sst2/x2", " positive "),
+             *(row(f"gsm/g{i}", f"answer {i}") for i in range(11))]  # 11 distinct targets: not a label task
+    pool.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    targets = continual_metrics.label_targets(pool)
+    assert targets == {"sst2/x1": "negative", "sst2/x2": "positive"} and continual_metrics.label_targets(None) == {}
+    train = tmp_path / "train"
+    train.mkdir()
+    events = [{"kind": "refresh", "ids": ["safety/a", "sst2/x1", "sst2/x1", "gsm/g1"]}, {"kind": "step", "ids": []},
+              {"kind": "refresh", "ids": ["sst2/x2"]}]
+    (train / "selection.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert continual_metrics.reference_targets(train, targets) == [{"sst2: negative": 2}, {"sst2: positive": 1}]
+    assert continual._mean_counts([{"a": 2}, {"a": 1, "b": 3}], 3) == {"a": 1.0, "b": 1.0}
+
+
 def test_the_recipes_load_and_every_stage_run_is_valid(tmp_path):
     for name in ("continual-sst2-agnews-gsm8k.yaml", "continual-demo.yaml"):
         cc, base, label, ovr = continual.load_continual(CONFIGS / name, [f"continual.output_dir={tmp_path / name}"])
@@ -330,11 +362,26 @@ def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_mo
     assert set(refs[0]["mean_by_source"]) == {"safety"}
     assert set(refs[1]["mean_by_source"]) <= {"safety", "sentiment"} and sum(refs[1]["mean_by_source"].values()) == 3
     assert result["methods"]["replay"]["references"] == []
+    # the retained references of stage 2 by target: as many as the sentiment references it chose
+    assert sum(refs[1]["mean_by_target"].values()) == refs[1]["mean_by_source"].get("sentiment", 0)
+    assert all(k.startswith("sentiment: ") for k in refs[1]["mean_by_target"])
+    # the most frequent answer of each label task after each stage, from the samples
+    for m in ("replay", "dualselect-retention"):
+        answers = result["methods"][m]["answers"]
+        assert [a["stage"] for a in answers] == ["sentiment", "arithmetic"]  # arithmetic is not label-graded
+        for a, stage in zip(answers, ["1-sentiment", "2-arithmetic"]):
+            recs = [json.loads(line) for line in (runs / m / "seed-0" / stage / "eval" / "samples.jsonl")
+                    .read_text().splitlines()]
+            preds = [r["pred"] for r in recs if r["benchmark"] == a["benchmark"]]
+            assert "sentiment" in a["benchmark"] and len(preds) == 3  # eval.limit
+            top = max(set(preds), key=preds.count)
+            assert a["per_seed"][0]["share"] == pytest.approx(preds.count(top) / len(preds))
     report = out / "report"
     for name in ("report.md", "report.html", "accuracy_matrix.png", "forgetting.png", "safety_per_stage.png"):
         assert (report / name).stat().st_size > 0
     text = (report / "report.md").read_text()
     assert "## Accuracy matrix" in text and "BWT" in text and "## References chosen per source" in text
+    assert "## Most frequent answer" in text and "retained rows by target" in text
 
     ran.clear()  # a third run recomputes nothing and writes the same numbers
     assert main(["continual", str(path), "--quiet"]) == 0
