@@ -359,12 +359,16 @@ def prepare_aligned(bench: BenchConfig, base: dict, label: str, method_configs: 
     aligned, seen = align_stage(bench, base, label, method_configs)
     notes = []
     if archive and aligned is not None:
-        info = aligned / ALIGN_INFO
-        threads = json.loads(info.read_text()).get("threads") if info.exists() else None
-        if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), threads):
+        if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), align_threads(aligned)):
             log.warning("%s", warning)
             notes.append(warning)
     return aligned, seen, notes
+
+
+def align_threads(aligned: Path) -> int | None:
+    """The torch thread count the merged aligned model's alignment trained with (None: not recorded)."""
+    info = aligned / ALIGN_INFO
+    return json.loads(info.read_text()).get("threads") if info.exists() else None
 
 
 def _align_key(cfg) -> str:
@@ -466,10 +470,9 @@ def aligned_summary(aligned: Path | None, notes: list[str]) -> str:
     """What --align-only prints: the merged model, its weights' hash and thread count, and any warning."""
     if aligned is None:
         return "no alignment stage in this config (its align setting is not set)\n"
-    info = aligned / ALIGN_INFO
-    threads = json.loads(info.read_text()).get("threads") if info.exists() else None
+    threads = align_threads(aligned)
     lines = [f"aligned model: {aligned}", f"weights sha256: {bench_archive.model_sha256(aligned)}",
-             f"alignment threads: {threads if threads else 'not recorded'}", *(f"warning: {n}" for n in notes)]
+             f"alignment threads: {threads or 'not recorded'}", *(f"warning: {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 

@@ -598,12 +598,6 @@ def align(cc: ContinualConfig, base: dict, label: str, registry: dict) -> tuple[
     return bench.prepare_aligned(bc, base, label, registry, cc.archive)
 
 
-def _mean_counts(counts: list[dict[str, int]], n: int | None = None) -> dict[str, float]:
-    """Key -> its mean count over n runs (len(counts) by default; a run without the key counts 0)."""
-    n = n or len(counts)
-    return {key: sum(c.get(key, 0) for c in counts) / n for key in sorted({k for c in counts for k in c})}
-
-
 def align_only(path: str | Path, overrides: list[str] = ()) -> str:
     """`dualselect continual CONFIG --align-only`: the alignment stage alone, checked against the archive."""
     from .methods import method_configs
@@ -621,6 +615,12 @@ def _archive_chain(cc: ContinualConfig, chain: list[bench.Cell]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ results
+
+def _mean_counts(counts: list[dict[str, int]], n: int | None = None) -> dict[str, float]:
+    """Key -> its mean count over n runs (len(counts) by default; a run without the key counts 0)."""
+    n = n or len(counts)
+    return {key: sum(c.get(key, 0) for c in counts) / n for key in sorted({k for c in counts for k in c})}
+
 
 def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str] | None = None,
             seeds: list[int] | None = None) -> dict:
@@ -660,7 +660,8 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
         summary["answers"] = [  # the most frequent answer to each label task's prompts, per seed
             {"stage": cc.stages[k].name, "benchmark": name, "per_seed": shares,
              "mean_share": sum(a["share"] for a in shares) / len(shares)}
-            for (k, name), shares in sorted(answers.items(), key=lambda kv: (kv[0][0], task_benchmarks.index(kv[0][1])))]
+            for (k, name), shares in sorted(answers.items(),
+                                            key=lambda kv: (kv[0][0], task_benchmarks.index(kv[0][1])))]
         summary["train_method"] = next(cfg.train.method for c, cfg in cells if c.method == method)
         methods[method] = summary
     comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()
