@@ -70,7 +70,8 @@ log = logging.getLogger("dualselect")
 
 METHOD_AXIS, SEED_AXIS = "method", "train.seed"
 DONE, CELL_CONFIG, MANIFEST = "done.json", "cell.yaml", "bench.json"
-ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: the torch threads its alignment used
+ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: its weights' sha256, the torch
+# threads its alignment trained with, the adapter it merged
 ALIGNED = "aligned"  # the report row of the aligned model (and its directory)
 ALIGN_DATA = "{align_data}"  # in a cell's overrides: the alignment stage's data file (e.g. Lisa's data.reference)
 BASELINE = "{baseline}"  # as eval.baseline: the adapter of the baseline method's cell with the same other labels
@@ -305,17 +306,21 @@ def run_cell(cell: Cell, cfg, bench: BenchConfig | None = None) -> dict:
     evaluate(cfg)
     done = {"cell": cell.name, "labels": cell.labels, "method": cell.method, "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.time() - t1, 1), "resumed_training": trained}
+    if sha := aligned_sha(Path(cfg.model.name_or_path)):  # which aligned weights the cell started from
+        done["aligned_sha256"] = sha
     write_atomic(cell.path / DONE, json.dumps(done, indent=2) + "\n")
     if bench is not None and bench.archive:
         bench_archive.save_unit(cell.path, Path(bench.output_dir), Path(bench.archive))
     return done
 
 
-def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict) -> tuple[Path | None, list[str]]:
+def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict,
+                archive: str | None = None) -> tuple[Path | None, list[str]]:
     """The alignment stage (bench.align): LoRA SFT of the base config's model with the align overrides (run dir
     OUTPUT_DIR/align), merged into the dualselect cache under a key of its config, data content and resolved
-    precision, so recipes with the same alignment share it. Returns (the merged model dir or None, the data it
-    trained on)."""
+    precision, so recipes with the same alignment share it. With an `archive` that holds an adapter for that key
+    (bench_archive.archived_adapter), the adapter is merged instead of trained: the same weights as on the
+    machine that trained it. Returns (the merged model dir or None, the data it trained on)."""
     if bench.align is None:
         return None, []
     from .train import train
@@ -330,7 +335,8 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
     if not cfg.data.task:
         raise DualSelectError(f"{label}: bench.align must set data.task (the alignment data)")
     seen = [s for s in (cfg.data.task, cfg.data.reference) if s]
-    merged = models.cache_dir() / "aligned" / f"bench-{_align_key(cfg)}"
+    key = _align_key(cfg)
+    merged = models.cache_dir() / "aligned" / f"bench-{key}"
     saved = run_dir / "config.yaml"
     if saved.exists() and _comparable(with_defaults(yaml.safe_load(saved.read_text()), cfg)) != \
             _comparable(to_dict(cfg)):
@@ -338,17 +344,34 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
                               f"{run_dir} to rerun it, or choose another bench.output_dir")
     if (merged / "config.json").exists():
         log.info("aligned model (done): %s", merged)
-        return merged, seen
-    started = (run_dir / "config.yaml").exists()
-    if run_dir.exists() and not started:
-        shutil.rmtree(run_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
-        log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
-        train(cfg, resume=started)
-    models.merge_adapter(cfg.model.name_or_path, run_dir / "adapter", merged, cfg.model.trust_remote_code)
-    threads = read_run_info(run_dir).get("machine", {}).get("torch_threads")
-    write_atomic(merged / ALIGN_INFO, json.dumps({"threads": threads, "run_dir": str(run_dir)}, indent=2) + "\n")
-    log.info("aligned model merged into %s", merged)
+    else:
+        archived = bench_archive.archived_adapter(archive, key)
+        if archived is not None:
+            log.info("alignment stage: merging the archived adapter %s (not trained again)", archived)
+            adapter = archived
+            info = json.loads((archived / bench_archive.ALIGNMENT_INFO).read_text())
+            info = {"threads": info.get("threads"), "adapter": str(archived)}
+        else:
+            started = (run_dir / "config.yaml").exists()
+            if run_dir.exists() and not started:
+                shutil.rmtree(run_dir)
+            adapter = run_dir / "adapter"
+            if not (adapter / "adapter_config.json").exists():
+                log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
+                train(cfg, resume=started)
+            info = {"threads": read_run_info(run_dir).get("machine", {}).get("torch_threads"),
+                    "adapter": str(adapter)}
+        models.merge_adapter(cfg.model.name_or_path, adapter, merged, cfg.model.trust_remote_code)
+        for f in bench_archive.ADAPTER_FILES:  # kept with the merged model, for the archive of any recipe
+            write_atomic(merged / "adapter" / f, (adapter / f).read_bytes())
+        info["sha256"] = bench_archive.model_sha256(merged)
+        write_atomic(merged / ALIGN_INFO, json.dumps(info, indent=2) + "\n")
+        log.info("aligned model merged into %s", merged)
+    if archive and (merged / "adapter").is_dir():
+        if d := bench_archive.save_adapter(Path(archive), key, merged / "adapter",
+                                           {"sha256": aligned_sha(merged), "threads": align_threads(merged),
+                                            "machine": models.cpu_name()}):
+            log.info("alignment adapter archived in %s: a later machine merges it instead of training", d)
     return merged, seen
 
 
@@ -356,13 +379,27 @@ def prepare_aligned(bench: BenchConfig, base: dict, label: str, method_configs: 
                     archive: str | None) -> tuple[Path | None, list[str], list[str]]:
     """The alignment stage (align_stage), then its weights' hash against the archive's record: (the merged model
     dir or None, the data it trained on, warnings for the report)."""
-    aligned, seen = align_stage(bench, base, label, method_configs)
+    aligned, seen = align_stage(bench, base, label, method_configs, archive)
     notes = []
     if archive and aligned is not None:
-        if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), align_threads(aligned)):
+        if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), align_threads(aligned),
+                                                  aligned_sha(aligned)):
             log.warning("%s", warning)
             notes.append(warning)
     return aligned, seen, notes
+
+
+def aligned_sha(model_dir: Path) -> str | None:
+    """The sha256 of an aligned model's weights (recorded in its ALIGN_INFO at merge time; computed and recorded
+    for a model merged before that), or None for a model that is not a merged aligned model."""
+    info = Path(model_dir) / ALIGN_INFO
+    if not info.exists():
+        return None
+    record = json.loads(info.read_text())
+    if "sha256" not in record:
+        record["sha256"] = bench_archive.model_sha256(Path(model_dir))
+        write_atomic(info, json.dumps(record, indent=2) + "\n")
+    return record["sha256"]
 
 
 def align_threads(aligned: Path) -> int | None:
@@ -471,7 +508,7 @@ def aligned_summary(aligned: Path | None, notes: list[str]) -> str:
     if aligned is None:
         return "no alignment stage in this config (its align setting is not set)\n"
     threads = align_threads(aligned)
-    lines = [f"aligned model: {aligned}", f"weights sha256: {bench_archive.model_sha256(aligned)}",
+    lines = [f"aligned model: {aligned}", f"weights sha256: {aligned_sha(aligned)}",
              f"alignment threads: {threads or 'not recorded'}", *(f"warning: {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 

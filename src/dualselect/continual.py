@@ -622,6 +622,11 @@ def _mean_counts(counts: list[dict[str, int]], n: int | None = None) -> dict[str
     return {key: sum(c.get(key, 0) for c in counts) / n for key in sorted({k for c in counts for k in c})}
 
 
+def _aligned_of(cell: bench.Cell) -> str | None:
+    """The aligned weights a chain started from (its first stage's done.json; None: not recorded)."""
+    return json.loads((cell.path / bench.DONE).read_text()).get("aligned_sha256")
+
+
 def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str] | None = None,
             seeds: list[int] | None = None) -> dict:
     """continual.json: per method the accuracy matrix, average accuracy, BWT, forgetting and safety per stage
@@ -662,6 +667,7 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
              "mean_share": sum(a["share"] for a in shares) / len(shares)}
             for (k, name), shares in sorted(answers.items(),
                                             key=lambda kv: (kv[0][0], task_benchmarks.index(kv[0][1])))]
+        summary["aligned_sha256"] = [_aligned_of(cell_of(cc, method, seed, 0)) for seed in seeds]
         summary["train_method"] = next(cfg.train.method for c, cfg in cells if c.method == method)
         methods[method] = summary
     comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()

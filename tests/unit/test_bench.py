@@ -370,16 +370,24 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     out, arch = tiny_link / "out", tiny_link / "arch"
     assert len(list(arch.glob("cells/*/done.json"))) == 4 and len(list(arch.glob("tune/random/*/done.json"))) == 2
     assert (arch / "aligned-eval" / "all" / "results.json").exists() and (arch / "aligned.json").exists()
-    assert not list(arch.rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
+    assert not list((arch / "cells").rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
+    # the alignment adapter is kept (a later machine merges it instead of training the alignment again)
+    [kept] = arch.glob("alignment/*")
+    assert sorted(p.name for p in kept.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "alignment.json"]
+    sha = json.loads((arch / "aligned.json").read_text())["models"][0]["sha256"]
+    assert json.loads((kept / "alignment.json").read_text())["sha256"] == sha
+    assert {json.loads(p.read_text())["aligned_sha256"] for p in arch.glob("cells/*/done.json")} == {sha}
     # the report goes with the cells (to be committed with them)
     assert (arch / "report" / "report.md").read_text() == (out / "report.md").read_text()
     assert (arch / "report" / "all" / "report.json").exists() and (arch / "report" / "report.html").exists()
     blob = b"".join(bench.bench_archive.gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-                    for p in arch.rglob("*") if p.is_file() and p.suffix != ".png").decode()
+                    for p in arch.rglob("*") if p.is_file() and p.suffix not in (".png", ".safetensors")).decode()
     assert "How to steal car" not in blob and "What is 3 plus 4" not in blob and '"response"' not in blob
     assert '"refused"' in blob and '"correct"' in blob
 
     shutil.rmtree(out)  # another machine: only the archive (committed) is left
+    shutil.rmtree(tmp_path / "cache" / "aligned")
 
     def boom(*a, **k):
         raise AssertionError("a finished unit was recomputed")
@@ -389,6 +397,8 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     again = bench.run_bench(path, quiet=True)
     assert again["tables"]["all"]["report"]["results"] == first["tables"]["all"]["report"]["results"]
     assert "Note:" not in again["markdown"]
+    # the aligned model was merged from the archived adapter (not trained: train is boom), to the same weights
+    assert bench.aligned_sha(next((tmp_path / "cache" / "aligned").iterdir())) == sha
 
     import torch
 

@@ -530,3 +530,17 @@ def test_align_only_without_an_alignment_stage_says_so(tmp_path, capsys):
     assert "no alignment stage" in capsys.readouterr().out and not (tmp_path / "out" / "runs").exists()
     assert main(["continual", str(path), "--align-only", "--only", "method=replay"]) == 2
     assert "takes no --only" in capsys.readouterr().err
+
+
+def test_the_report_says_which_aligned_model_each_chain_started_from():
+    from dualselect.continual_report import start_models_note
+
+    a, b = "a" * 64, "b" * 64
+    result = {"seeds": [0, 1], "methods": {"sft": {"aligned_sha256": [a, b]}, "replay": {"aligned_sha256": [a, a]},
+                                           "agem": {}}}  # agem: archived before the record existed
+    note = start_models_note(result)
+    assert note.startswith("start models: the chains started from 3 aligned models")
+    assert "aaaaaaaaaaaa: sft s0, replay s0, replay s1; bbbbbbbbbbbb: sft s1; not recorded: agem s0, agem s1" in note
+    del result["methods"]["agem"]
+    result["methods"]["sft"]["aligned_sha256"] = [a, a]
+    assert start_models_note(result) is None  # one start model: nothing to say
