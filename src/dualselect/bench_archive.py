@@ -24,7 +24,9 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import DualSelectError
@@ -81,7 +83,9 @@ def _units(archive: Path) -> list[Path]:
 
 def restore(archive: Path, out_dir: Path) -> list[Path]:
     """Copy every archived unit that out_dir lacks (no done.json / results.json there) into out_dir, the gzipped
-    files unpacked; a unit out_dir started but did not finish is replaced. Returns the restored unit dirs."""
+    files unpacked; a unit out_dir started but did not finish is replaced. Each unit is unpacked beside its place
+    and renamed into it whole, so processes that restore the same archive at once (one per core) never see, or
+    delete, one another's half-restored unit. Returns the restored unit dirs."""
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_dir():
         return []
@@ -92,16 +96,27 @@ def restore(archive: Path, out_dir: Path) -> list[Path]:
         marker = DONE if (src / DONE).exists() else "results.json"
         if (dest / marker).exists():
             continue
-        if dest.exists():
-            shutil.rmtree(dest)
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            name = f.relative_to(src).as_posix()
-            if f.name == marker:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-", dir=dest.parent))
+        try:
+            for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                name = f.relative_to(src).as_posix()
+                gz = name.endswith(".gz")
+                target = tmp / (name[:-3] if gz else name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(gzip.decompress(f.read_bytes()) if gz else f.read_bytes())
+            if (dest / marker).exists():  # another process restored it meanwhile
                 continue
-            gz = name.endswith(".gz")
-            data = gzip.decompress(f.read_bytes()) if gz else f.read_bytes()
-            write_atomic(dest / (name[:-3] if gz else name), data)
-        write_atomic(dest / marker, (src / marker).read_bytes())
+            if dest.exists():
+                shutil.rmtree(dest, ignore_errors=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not (dest / marker).exists():  # not another process's finished copy: a real failure
+                    raise
+                continue
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         restored.append(dest)
     if restored:
         log.info("restored %d finished units from the archive %s", len(restored), archive)

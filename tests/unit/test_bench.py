@@ -4,6 +4,7 @@ subprocess, mid-training and mid-eval), and the report at the end. Tiny random L
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -623,3 +624,43 @@ def test_task_data_is_checked_before_the_first_run(tiny_link, monkeypatch, caplo
         bench.run_bench(bench_yaml(tiny_link, grid=grid, out="single"), quiet=True)
     warned = [r.getMessage() for r in caplog.records if "have the same target" in r.getMessage()]
     assert len(warned) == 1 and "20 of its 20 rows" in warned[0]
+
+
+def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_path):
+    """Two bench/continual processes (one per core) started on a fresh machine restore the same archive into the
+    same output dir at once: neither may crash on, or delete, the other's half-restored unit."""
+    import gzip
+    import threading
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    for i in range(40):
+        unit = arch / "cells" / f"c{i}"
+        unit.mkdir(parents=True)
+        for name in ("cell.yaml", "train/config.yaml", "eval/results.json"):
+            (unit / name).parent.mkdir(parents=True, exist_ok=True)
+            (unit / name).write_text(f"{name} of {i}\n" * 2000)
+        (unit / "eval" / "samples.jsonl.gz").write_bytes(gzip.compress(b'{"id": 1}\n' * 5000))
+        (unit / "done.json").write_text(json.dumps({"cell": f"c{i}"}))
+    (out / "cells" / "c3" / "train").mkdir(parents=True)  # a unit this machine started and did not finish
+    for attempt in range(3):
+        errors = []
+
+        def restore():
+            try:
+                bench.bench_archive.restore(arch, out)
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+        threads = [threading.Thread(target=restore) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i in range(40):
+            unit = out / "cells" / f"c{i}"
+            assert json.loads((unit / "done.json").read_text()) == {"cell": f"c{i}"}
+            assert (unit / "eval" / "results.json").read_text() == f"eval/results.json of {i}\n" * 2000
+            assert (unit / "eval" / "samples.jsonl").read_bytes() == b'{"id": 1}\n' * 5000
+        assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # no temporary dir left
+        shutil.rmtree(out)
