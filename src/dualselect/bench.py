@@ -662,6 +662,9 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         written[key] = report.write_report(rep, out / "report" / _slug(key), *(bench.plot or (None, None)))
     minutes = sum(seconds_of(c.path / DONE) for c in cells) / 60
     head = f"{len(cells)} cells; train + eval time of the cells {minutes:.1f} min."
+    started = {c.name: json.loads((c.path / DONE).read_text()).get("aligned_sha256") for c in cells}
+    if aligned is not None and (note := bench_archive.start_models_note(started)):
+        notes = [*notes, note]
     head += "".join(f"\n\nNote: {n}." for n in notes)
     if tuning and tuning.get("methods"):
         tuned = [Path(t["dir"]) / DONE for info in tuning["methods"].values() for t in info["tried"]]

@@ -189,3 +189,19 @@ def save_adapter(archive: Path, key: str, adapter: Path, info: dict) -> Path | N
         write_atomic(dest / f, (Path(adapter) / f).read_bytes())
     write_atomic(dest / ALIGNMENT_INFO, json.dumps(info, indent=2) + "\n")
     return dest
+
+
+def start_models_note(units: dict[str, str | None], what: str = "cells") -> str | None:
+    """units: a unit's name -> the aligned weights' sha256 it started from (done.json's aligned_sha256; None: not
+    recorded). A line naming them when they are not all the same one (the same alignment recipe rounds into other
+    weights on another CPU kind or thread count), else None."""
+    groups: dict[str, list[str]] = {}
+    for name, sha in units.items():
+        groups.setdefault(sha[:12] if sha else "not recorded", []).append(name)
+    if len(groups) < 2:
+        return None
+    parts = "; ".join(f"{sha}: {', '.join(names)}" for sha, names in sorted(groups.items()))
+    return (f"start models: the {what} started from {len(groups)} aligned models (the same alignment recipe, "
+            f"rounded differently on another CPU kind or thread count): {parts}. A paired difference whose two "
+            f"{what} of a seed started from different aligned models counts that difference as seed-to-seed "
+            "variance")

@@ -116,13 +116,8 @@ def answer_shares(eval_dir: Path, benchmarks: Sequence[str]) -> dict[str, dict]:
     label found) and that answer's share of the prompts. A share near 1 is a collapse to one answer, whatever the
     input: accuracy alone hides it (the share of that label among the gold answers)."""
     run = eval_report.load_run("stage", Path(eval_dir))
-    out = {}
-    for name in benchmarks:
-        recs = list(run.samples.get(name, {}).values())
-        if recs and all(r.get("grader") == "label" for r in recs):
-            answer, n = Counter(r.get("pred") for r in recs).most_common(1)[0]
-            out[name] = {"answer": answer, "share": n / len(recs)}
-    return out
+    tops = {name: eval_report.top_answer(run.samples.get(name, {}).values()) for name in benchmarks}
+    return {name: top for name, top in tops.items() if top is not None}
 
 
 MAX_LABELS = 10  # a retained source with at most this many distinct targets is a label task

@@ -114,25 +114,18 @@ def markdown(result: dict) -> str:
         notes.append(f"fewer than {MIN_SEEDS} seeds")
     notes += result.get("notes", [])
     if note := start_models_note(result):
-        notes.append(note)
+        notes.append(note + ".")
     lines += ["## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
 def start_models_note(result: dict) -> str | None:
-    """Which aligned weights each (method, seed) chain started from, when not all the same one (the alignment
-    recipe re-run on another CPU kind or thread count rounds into other weights)."""
-    chains = {}
-    for m, summary in result["methods"].items():
-        for seed, sha in zip(result["seeds"], summary.get("aligned_sha256") or [None] * len(result["seeds"])):
-            chains.setdefault(sha[:12] if sha else "not recorded", []).append(f"{m} s{seed}")
-    if len(chains) < 2:
-        return None
-    parts = "; ".join(f"{sha}: {', '.join(c)}" for sha, c in sorted(chains.items()))
-    return (f"start models: the chains started from {len(chains)} aligned models (the same alignment recipe, "
-            f"rounded differently on another CPU kind or thread count): {parts}. A paired difference whose two "
-            "chains of a seed started from different aligned models counts that difference as seed-to-seed "
-            "variance.")
+    """Which aligned weights each (method, seed) chain started from, when not all the same one."""
+    from .bench_archive import start_models_note as note
+
+    return note({f"{m} s{seed}": sha for m, summary in result["methods"].items()
+                 for seed, sha in zip(result["seeds"], summary.get("aligned_sha256") or [None] * len(result["seeds"]))},
+                "chains")
 
 
 def _answer_text(a: dict | None) -> str:

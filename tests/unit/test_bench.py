@@ -412,6 +412,12 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     note = bench.run_bench(path, quiet=True)["markdown"]
     assert f"differ from the archived cells' (000000000000 (trained with {threads} thread{plural}))" in note
     assert "OMP_NUM_THREADS" not in note  # the same thread count: nothing to advise
+    assert "start models" not in note  # every cell started from the same weights
+    done = out / "cells" / "sft__seed-1" / "done.json"  # as if this cell had run on another machine
+    done.write_text(json.dumps({**json.loads(done.read_text()), "aligned_sha256": "1" * 64}))
+    note = bench.run_bench(path, quiet=True)["markdown"]
+    assert (f"start models: the cells started from 2 aligned models (the same alignment recipe, rounded differently "
+            f"on another CPU kind or thread count): 111111111111: sft__seed-1; {sha[:12]}: ") in note
 
 
 def test_check_aligned_records_the_thread_count_and_says_how_to_match_it(tmp_path):

@@ -492,3 +492,27 @@ def test_same_prompt_ids_are_checked_and_said(tmp_path):
     info = report["benchmarks"]["harmful:adv"]
     assert not info["same_ids"] and info["common_prompts"] == 2
     assert any("were dropped" in w for w in report["warnings"])
+
+
+def test_label_tasks_get_their_most_frequent_answer_per_seed(tmp_path):
+    """A method that answers one label to every prompt can still score about the gold share of that label: the
+    report shows each seed's most frequent answer and its share (counted by hand here), for label-graded tasks
+    only, on the prompts every run has."""
+    gold = ["positive", "negative", "negative", "positive"]
+
+    def labels(preds, grader="label"):
+        return {"task:sst2": ("task", [{"correct": p == g, "pred": p, "grader": grader} for p, g in zip(preds, gold)]),
+                "task:gsm8k": ("task", [{"correct": True, "pred": "4", "grader": "number"}])}
+
+    sft = [make_eval(tmp_path / f"sft-{i}", labels(p)) for i, p in enumerate(
+        [["positive", "negative", "negative", "negative"], ["positive", "negative", "negative", "positive"],
+         ["negative", "negative", "positive", "positive"]])]
+    ds = [make_eval(tmp_path / f"ds-{i}", labels(["negative"] * 4)) for i in range(3)]
+    r = rep.compare({"sft": sft, "dualselect": ds}, resamples=50, permutations=50)
+    assert r["answers"] == {
+        "sft": {"task:sst2": [{"answer": "negative", "share": 0.75}, {"answer": "positive", "share": 0.5},
+                              {"answer": "negative", "share": 0.5}]},
+        "dualselect": {"task:sst2": [{"answer": "negative", "share": 1.0}] * 3}}  # gsm8k: not a label task
+    md = rep.markdown(r)
+    assert "| dualselect | task:sst2 | negative 100.0 %; negative 100.0 %; negative 100.0 % | 100.0 % |" in md
+    assert "| sft | task:sst2 | negative 75.0 %; positive 50.0 %; negative 50.0 % | 75.0 % |" in md

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,17 @@ VALUE_RULES = {
     "task": {"accuracy": ("accuracy", _flag("correct"))},
     "winrate": {"win_rate": ("win rate", _win)},
 }
+
+
+def top_answer(records) -> dict | None:
+    """The most frequent answer (field pred) of label-graded task records and its share of them: a share near 1 is a
+    collapse to one answer whatever the input, which accuracy alone hides. None unless every record is
+    label-graded."""
+    recs = list(records)
+    if not recs or any(r.get("grader") != "label" for r in recs):
+        return None
+    answer, n = Counter(r.get("pred") for r in recs).most_common(1)[0]
+    return {"answer": answer, "share": n / len(recs)}
 
 
 # ------------------------------------------------------------------------------------------ reading eval dirs
@@ -555,6 +567,7 @@ def compare(runs: dict[str, list[Path]], baseline: str | None = None, resamples:
     warnings: list[str] = []
 
     benchmarks, values = {}, {m: {} for m in loaded}  # values[method][bench][metric] = per-seed entries
+    answers: dict[str, dict[str, list[dict]]] = {}  # [method][label task] = per seed its top_answer
     for bench, kind in kinds.items():
         if kind not in VALUE_RULES:
             warnings.append(f"{bench}: no metric is defined for benchmark kind {kind!r}; left out")
@@ -569,6 +582,10 @@ def compare(runs: dict[str, list[Path]], baseline: str | None = None, resamples:
             for run in (r for r in seeds if bench in r.benchmarks):
                 for metric, entry in seed_values(run, bench, kind, selected[run.path]).items():
                     values[method].setdefault(bench, {}).setdefault(metric, []).append({"dir": str(run.path), **entry})
+                if kind == "task":
+                    top = top_answer(run.samples[bench][i] for i in selected[run.path] if i in run.samples[bench])
+                    if top is not None:
+                        answers.setdefault(method, {}).setdefault(bench, []).append(top)
 
     columns = [{"key": f"{bench}/{metric}", "benchmark": bench, "kind": kind, "metric": metric, "label": label}
                for bench, kind in kinds.items() for metric, (label, _) in VALUE_RULES.get(kind, {}).items()
@@ -623,6 +640,7 @@ def compare(runs: dict[str, list[Path]], baseline: str | None = None, resamples:
         "columns": columns,
         "results": results,
         "comparisons": comparisons,
+        "answers": answers,
         "warnings": warnings,
     }
 
@@ -670,6 +688,14 @@ def markdown(report: dict) -> str:
         rows.append(cells)
     lines += _table(["method", "seeds", *(f"{short_name(c['benchmark'])} {c['label']}" for c in cols)], rows)
 
+    if report.get("answers"):
+        lines += ["", "## Most frequent answer (label tasks)", "",
+                  ("Per seed, the label a method answered most often and its share of the prompts: a share near "
+                   "100 % is a collapse to one answer whatever the input, which accuracy alone hides."), ""]
+        rows = [[method, short_name(bench), "; ".join(f"{a['answer']} {pct(a['share'])} %" for a in seeds),
+                 f"{pct(max(a['share'] for a in seeds))} %"]
+                for method, by_bench in report["answers"].items() for bench, seeds in by_bench.items()]
+        lines += _table(["method", "benchmark", "per seed", "largest share"], rows)
     lines += ["", f"## Paired differences vs {base}", "",
               (f"Method minus {base} in percentage points. Headline: the training seed is the unit (per seed the "
                "mean over the prompts both have; paired t-test over seeds, 95% t interval), so seed-to-seed "
