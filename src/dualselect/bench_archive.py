@@ -159,7 +159,8 @@ def check_aligned(archive: Path, aligned: Path, machine: str, threads: int | Non
     merged_from = [d for d in sorted((Path(archive) / ALIGNMENT_DIR).glob("*")) if archived_adapter(archive, d.name)
                    and json.loads((d / ALIGNMENT_INFO).read_text()).get("sha256") in known]
     if merged_from:
-        hint = f"; delete {aligned} and the next run merges the archived alignment adapter ({merged_from[0]}) instead"
+        hint = (f"; delete {aligned} and the next run merges the archived alignment adapter ({merged_from[0]}) "
+                "instead")
     elif counts and threads not in counts:
         hint = (f"; to start from the archived weights, delete {aligned} and align alone with "
                 f"OMP_NUM_THREADS={counts[0]} (`--align-only`) before the runs")

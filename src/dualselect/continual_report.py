@@ -123,9 +123,9 @@ def start_models_note(result: dict) -> str | None:
     """Which aligned weights each (method, seed) chain started from, when not all the same one."""
     from .bench_archive import start_models_note as note
 
+    seeds = result["seeds"]
     return note({f"{m} s{seed}": sha for m, summary in result["methods"].items()
-                 for seed, sha in zip(result["seeds"], summary.get("aligned_sha256") or [None] * len(result["seeds"]))},
-                "chains")
+                 for seed, sha in zip(seeds, summary.get("aligned_sha256") or [None] * len(seeds))}, "chains")
 
 
 def _answer_text(a: dict | None) -> str:

@@ -670,3 +670,23 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
             assert (unit / "eval" / "samples.jsonl").read_bytes() == b'{"id": 1}\n' * 5000
         assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # no temporary dir left
         shutil.rmtree(out)
+
+
+def test_a_model_other_than_the_archived_adapters_is_told_to_merge_it(tmp_path):
+    """A machine whose cached aligned model is not the one the archived alignment adapter merges into (say, one it
+    trained before the adapter was archived) is told to delete it: the next run merges the archived adapter."""
+    model, arch = tmp_path / "m", tmp_path / "arch"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"the archived weights")
+    archive = bench.bench_archive
+    assert archive.check_aligned(arch, model, "cpu A", 2) is None
+    sha = archive.model_sha256(model)
+    (tmp_path / "adapter").mkdir()
+    for f in archive.ADAPTER_FILES:
+        (tmp_path / "adapter" / f).write_bytes(b"x")
+    kept = archive.save_adapter(arch, "k1", tmp_path / "adapter", {"sha256": sha, "threads": 2})
+    assert archive.archived_adapter(arch, "k1") == kept and archive.archived_adapter(arch, "k2") is None
+    assert archive.save_adapter(arch, "k1", tmp_path / "adapter", {"sha256": "other"}) is None  # the first stays
+    (model / "model.safetensors").write_bytes(b"this machine's own alignment")
+    warning = archive.check_aligned(arch, model, "cpu B", 2)
+    assert f"delete {model} and the next run merges the archived alignment adapter ({kept}) instead" in warning
