@@ -269,7 +269,8 @@ def test_projected_scores_keep_the_exact_direction(tmp_path):
     refs = method.ctx.reference
     grads = FakeEngine(256)(None, refs, "cpu").grads
     want = cosines(project(grads, 64, seed=5), project(method.d_t, 64, seed=5)).tolist()
-    assert rec["candidates"]["cosines"] == pytest.approx(want, abs=1e-9)
+    # fp32: the chunked and the whole products round differently with the BLAS kernel (failed at 1e-9 on AVX2 only)
+    assert rec["candidates"]["cosines"] == pytest.approx(want, abs=1e-6)
     assert rec["candidates"]["cosines"] != pytest.approx(cosines(grads, method.d_t).tolist(), abs=1e-6)
     assert rec["projection_dim"] == 64
     chosen = grads[rec["index"]].double().mean(0).float()  # hard mode: the exact mean of the full gradients
