@@ -70,8 +70,8 @@ log = logging.getLogger("dualselect")
 
 METHOD_AXIS, SEED_AXIS = "method", "train.seed"
 DONE, CELL_CONFIG, MANIFEST = "done.json", "cell.yaml", "bench.json"
-ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: its weights' sha256, the torch
-# threads its alignment trained with, the adapter it merged
+ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: its weights' sha256 and the torch
+# threads its alignment trained with
 ALIGNED = "aligned"  # the report row of the aligned model (and its directory)
 ALIGN_DATA = "{align_data}"  # in a cell's overrides: the alignment stage's data file (e.g. Lisa's data.reference)
 BASELINE = "{baseline}"  # as eval.baseline: the adapter of the baseline method's cell with the same other labels
@@ -314,13 +314,11 @@ def run_cell(cell: Cell, cfg, bench: BenchConfig | None = None) -> dict:
     return done
 
 
-def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict,
-                archive: str | None = None) -> tuple[Path | None, list[str]]:
+def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict) -> tuple[Path | None, list[str]]:
     """The alignment stage (bench.align): LoRA SFT of the base config's model with the align overrides (run dir
     OUTPUT_DIR/align), merged into the dualselect cache under a key of its config, data content and resolved
-    precision, so recipes with the same alignment share it. With an `archive` that holds an adapter for that key
-    (bench_archive.archived_adapter), the adapter is merged instead of trained: the same weights as on the
-    machine that trained it. Returns (the merged model dir or None, the data it trained on)."""
+    precision, so recipes with the same alignment share it. Returns (the merged model dir or None, the data it
+    trained on)."""
     if bench.align is None:
         return None, []
     from .train import train
@@ -335,8 +333,7 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
     if not cfg.data.task:
         raise DualSelectError(f"{label}: bench.align must set data.task (the alignment data)")
     seen = [s for s in (cfg.data.task, cfg.data.reference) if s]
-    key = _align_key(cfg)
-    merged = models.cache_dir() / "aligned" / f"bench-{key}"
+    merged = models.cache_dir() / "aligned" / f"bench-{_align_key(cfg)}"
     saved = run_dir / "config.yaml"
     if saved.exists() and _comparable(with_defaults(yaml.safe_load(saved.read_text()), cfg)) != \
             _comparable(to_dict(cfg)):
@@ -344,34 +341,18 @@ def align_stage(bench: BenchConfig, base: dict, label: str, method_configs: dict
                               f"{run_dir} to rerun it, or choose another bench.output_dir")
     if (merged / "config.json").exists():
         log.info("aligned model (done): %s", merged)
-    else:
-        archived = bench_archive.archived_adapter(archive, key)
-        if archived is not None:
-            log.info("alignment stage: merging the archived adapter %s (not trained again)", archived)
-            adapter = archived
-            info = json.loads((archived / bench_archive.ALIGNMENT_INFO).read_text())
-            info = {"threads": info.get("threads"), "adapter": str(archived)}
-        else:
-            started = (run_dir / "config.yaml").exists()
-            if run_dir.exists() and not started:
-                shutil.rmtree(run_dir)
-            adapter = run_dir / "adapter"
-            if not (adapter / "adapter_config.json").exists():
-                log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
-                train(cfg, resume=started)
-            info = {"threads": read_run_info(run_dir).get("machine", {}).get("torch_threads"),
-                    "adapter": str(adapter)}
-        models.merge_adapter(cfg.model.name_or_path, adapter, merged, cfg.model.trust_remote_code)
-        for f in bench_archive.ADAPTER_FILES:  # kept with the merged model, for the archive of any recipe
-            write_atomic(merged / "adapter" / f, (adapter / f).read_bytes())
-        info["sha256"] = bench_archive.model_sha256(merged)
-        write_atomic(merged / ALIGN_INFO, json.dumps(info, indent=2) + "\n")
-        log.info("aligned model merged into %s", merged)
-    if archive and (merged / "adapter").is_dir():
-        if d := bench_archive.save_adapter(Path(archive), key, merged / "adapter",
-                                           {"sha256": aligned_sha(merged), "threads": align_threads(merged),
-                                            "machine": models.cpu_name()}):
-            log.info("alignment adapter archived in %s: a later machine merges it instead of training", d)
+        return merged, seen
+    started = (run_dir / "config.yaml").exists()
+    if run_dir.exists() and not started:
+        shutil.rmtree(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        log.info("alignment stage: LoRA SFT on %s", cfg.data.task)
+        train(cfg, resume=started)
+    models.merge_adapter(cfg.model.name_or_path, run_dir / "adapter", merged, cfg.model.trust_remote_code)
+    threads = read_run_info(run_dir).get("machine", {}).get("torch_threads")
+    write_atomic(merged / ALIGN_INFO, json.dumps({"threads": threads, "run_dir": str(run_dir),
+                                                  "sha256": bench_archive.model_sha256(merged)}, indent=2) + "\n")
+    log.info("aligned model merged into %s", merged)
     return merged, seen
 
 
@@ -379,7 +360,7 @@ def prepare_aligned(bench: BenchConfig, base: dict, label: str, method_configs: 
                     archive: str | None) -> tuple[Path | None, list[str], list[str]]:
     """The alignment stage (align_stage), then its weights' hash against the archive's record: (the merged model
     dir or None, the data it trained on, warnings for the report)."""
-    aligned, seen = align_stage(bench, base, label, method_configs, archive)
+    aligned, seen = align_stage(bench, base, label, method_configs)
     notes = []
     if archive and aligned is not None:
         if warning := bench_archive.check_aligned(Path(archive), aligned, models.cpu_name(), align_threads(aligned),

@@ -9,13 +9,11 @@ finished units are skipped, not recomputed.
 What is kept: cell.yaml, done.json, the train run's config.yaml, run_info.json, metrics.jsonl and
 selection.jsonl (ids, scores; gzipped), the eval's settings.json, results.json and samples.jsonl (gzipped)
 *without the text* of prompts, responses and gold answers (ids, verdicts and judge details only): no data
-from the data directory is copied into the archive. Not kept: the cells' adapters and checkpoints (a restored
-cell cannot be evaluated again; its verdicts are final) and the merged aligned model. Kept instead: the alignment
-stage's LoRA adapter (ALIGNMENT_DIR/<alignment key>/, the first one trained for that key), so that a later
-machine merges the same aligned weights (models.merge_adapter rounds the same on every CPU kind) instead of
-training the alignment again (another CPU kind or thread count would round it into other weights). ALIGNED_FILE
-records the sha256 of every aligned model the archived units started from; each unit's done.json names its own
-(aligned_sha256), and a run whose aligned model is not among them says so.
+from the data directory is copied into the archive. Not kept: adapters, checkpoints and models (a restored cell
+cannot be evaluated again; its verdicts are final). The aligned model is retrained from its recipe on each
+machine, and another CPU kind or thread count rounds it into other weights: ALIGNED_FILE records the sha256 of
+every aligned model the archived units started from, each unit's done.json names its own (aligned_sha256), and
+a run whose aligned model is not among them says so.
 """
 
 from __future__ import annotations
@@ -36,9 +34,6 @@ log = logging.getLogger("dualselect")
 
 DONE = "done.json"
 ALIGNED_FILE = "aligned.json"
-ALIGNMENT_DIR = "alignment"  # <archive>/alignment/<key>/: the alignment stage's adapter and what it merged into
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ALIGNMENT_INFO = "alignment.json"
 # relative path in a unit -> gzipped in the archive
 KEPT = {"cell.yaml": False, DONE: False, "train/config.yaml": False, "train/run_info.json": False,
         "train/metrics.jsonl": True, "train/selection.jsonl": True, "eval/settings.json": False,
@@ -156,12 +151,7 @@ def check_aligned(archive: Path, aligned: Path, machine: str, threads: int | Non
     archived = ", ".join(f"{k[:12]} ({_with_threads(m.get('threads'))})" for k, m in sorted(known.items()))
     hint = ""
     counts = sorted({m["threads"] for m in known.values() if m.get("threads")})
-    merged_from = [d for d in sorted((Path(archive) / ALIGNMENT_DIR).glob("*")) if archived_adapter(archive, d.name)
-                   and json.loads((d / ALIGNMENT_INFO).read_text()).get("sha256") in known]
-    if merged_from:
-        hint = (f"; delete {aligned} and the next run merges the archived alignment adapter ({merged_from[0]}) "
-                "instead")
-    elif counts and threads not in counts:
+    if counts and threads not in counts:
         hint = (f"; to start from the archived weights, delete {aligned} and align alone with "
                 f"OMP_NUM_THREADS={counts[0]} (`--align-only`) before the runs")
     return (f"the aligned model's weights ({sha[:12]}, {_with_threads(threads)}) differ from the archived cells' "
@@ -171,25 +161,6 @@ def check_aligned(archive: Path, aligned: Path, machine: str, threads: int | Non
 
 def _with_threads(n: int | None) -> str:
     return f"trained with {n} thread{'s' * (n != 1)}" if n else "thread count not recorded"
-
-
-def archived_adapter(archive: Path | None, key: str) -> Path | None:
-    """The archived alignment adapter for alignment key `key` (a dir with ADAPTER_FILES), or None."""
-    d = Path(archive) / ALIGNMENT_DIR / key if archive else None
-    return d if d is not None and all((d / f).is_file() for f in (*ADAPTER_FILES, ALIGNMENT_INFO)) else None
-
-
-def save_adapter(archive: Path, key: str, adapter: Path, info: dict) -> Path | None:
-    """Archive an alignment adapter under `key` (its files, then ALIGNMENT_INFO: the merged weights' sha256, the
-    threads and machine it trained on), unless one is archived for that key already: the first one stays the
-    one every later machine merges. Returns the archived dir when this call wrote it."""
-    if archived_adapter(archive, key) is not None:
-        return None
-    dest = Path(archive) / ALIGNMENT_DIR / key
-    for f in ADAPTER_FILES:
-        write_atomic(dest / f, (Path(adapter) / f).read_bytes())
-    write_atomic(dest / ALIGNMENT_INFO, json.dumps(info, indent=2) + "\n")
-    return dest
 
 
 def start_models_note(units: dict[str, str | None], what: str = "cells") -> str | None:

@@ -325,16 +325,12 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
 
 
 def merge_adapter(name_or_path: str, adapter_dir, dest, trust_remote_code: bool = False) -> Path:
-    """Merge a LoRA adapter into its base model (CPU) and save model + tokenizer at `dest` in fp32, atomically
-    (written under a temporary name, then renamed). The merge runs in float64 and rounds once to fp32: an fp32
-    product B @ A rounds with its BLAS kernel's summation order, which differs between CPU kinds (AVX2, AVX-512),
-    while W + scale * B @ A in float64 rounds to the same fp32 bits on every one, so an archived adapter gives the
-    same merged weights on any machine."""
+    """Merge a LoRA adapter into its base model (fp32, CPU) and save model + tokenizer at `dest`, atomically
+    (written under a temporary name, then renamed)."""
     from peft import PeftModel
 
     model, _, _ = load_model(name_or_path, precision="fp32", device="cpu", trust_remote_code=trust_remote_code)
-    # the adapter's layers take the base layers' dtype (float64) when PEFT attaches them
-    merged = PeftModel.from_pretrained(model.double(), str(adapter_dir)).merge_and_unload().float()
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))

@@ -371,13 +371,9 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     out, arch = tiny_link / "out", tiny_link / "arch"
     assert len(list(arch.glob("cells/*/done.json"))) == 4 and len(list(arch.glob("tune/random/*/done.json"))) == 2
     assert (arch / "aligned-eval" / "all" / "results.json").exists() and (arch / "aligned.json").exists()
-    assert not list((arch / "cells").rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
-    # the alignment adapter is kept (a later machine merges it instead of training the alignment again)
-    [kept] = arch.glob("alignment/*")
-    assert sorted(p.name for p in kept.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "alignment.json"]
+    assert not list(arch.rglob("adapter*")) and not list(arch.rglob("checkpoint*"))
+    # every cell names the aligned weights it started from: those aligned.json records
     sha = json.loads((arch / "aligned.json").read_text())["models"][0]["sha256"]
-    assert json.loads((kept / "alignment.json").read_text())["sha256"] == sha
     assert {json.loads(p.read_text())["aligned_sha256"] for p in arch.glob("cells/*/done.json")} == {sha}
     # the report goes with the cells (to be committed with them)
     assert (arch / "report" / "report.md").read_text() == (out / "report.md").read_text()
@@ -388,7 +384,6 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     assert '"refused"' in blob and '"correct"' in blob
 
     shutil.rmtree(out)  # another machine: only the archive (committed) is left
-    shutil.rmtree(tmp_path / "cache" / "aligned")
 
     def boom(*a, **k):
         raise AssertionError("a finished unit was recomputed")
@@ -398,8 +393,6 @@ def test_archive_carries_a_grid_to_a_fresh_output_dir_without_text(tiny_link, tm
     again = bench.run_bench(path, quiet=True)
     assert again["tables"]["all"]["report"]["results"] == first["tables"]["all"]["report"]["results"]
     assert "Note:" not in again["markdown"]
-    # the aligned model was merged from the archived adapter (not trained: train is boom), to the same weights
-    assert bench.aligned_sha(next((tmp_path / "cache" / "aligned").iterdir())) == sha
 
     import torch
 
@@ -670,23 +663,3 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
             assert (unit / "eval" / "samples.jsonl").read_bytes() == b'{"id": 1}\n' * 5000
         assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # no temporary dir left
         shutil.rmtree(out)
-
-
-def test_a_model_other_than_the_archived_adapters_is_told_to_merge_it(tmp_path):
-    """A machine whose cached aligned model is not the one the archived alignment adapter merges into (say, one it
-    trained before the adapter was archived) is told to delete it: the next run merges the archived adapter."""
-    model, arch = tmp_path / "m", tmp_path / "arch"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(b"the archived weights")
-    archive = bench.bench_archive
-    assert archive.check_aligned(arch, model, "cpu A", 2) is None
-    sha = archive.model_sha256(model)
-    (tmp_path / "adapter").mkdir()
-    for f in archive.ADAPTER_FILES:
-        (tmp_path / "adapter" / f).write_bytes(b"x")
-    kept = archive.save_adapter(arch, "k1", tmp_path / "adapter", {"sha256": sha, "threads": 2})
-    assert archive.archived_adapter(arch, "k1") == kept and archive.archived_adapter(arch, "k2") is None
-    assert archive.save_adapter(arch, "k1", tmp_path / "adapter", {"sha256": "other"}) is None  # the first stays
-    (model / "model.safetensors").write_bytes(b"this machine's own alignment")
-    warning = archive.check_aligned(arch, model, "cpu B", 2)
-    assert f"delete {model} and the next run merges the archived alignment adapter ({kept}) instead" in warning
