@@ -663,3 +663,44 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
             assert (unit / "eval" / "samples.jsonl").read_bytes() == b'{"id": 1}\n' * 5000
         assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # no temporary dir left
         shutil.rmtree(out)
+
+
+def test_status_counts_units_timed_on_another_cpu_in_this_cpus_time(tmp_path):
+    """A grid spanning machines: a unit timed on another CPU is counted in this CPU's time, scaled by how much
+    slower this CPU ran the units timed on both (hand-computed below)."""
+    import statistics
+
+    from dualselect import bench_status
+
+    out = tmp_path / "out"
+
+    def unit(name: str, seconds: float, cpu: str | None) -> tuple[str, str, Path]:
+        d = out / name
+        _done(d, seconds, 0)
+        if cpu is not None:
+            (d / "train").mkdir()
+            (d / "train" / "run_info.json").write_text(json.dumps({"machine": {"cpu": cpu}}))
+        return name.split("-")[0], "cells", d
+
+    fast, slow = "Xeon, native bf16: amx_bf16", "EPYC, native bf16: none"
+    units = [unit("sft-0", 100, fast), unit("sft-1", 120, fast), unit("sft-2", 230, slow),   # sft: 110 s vs 230 s
+             unit("lisa-0", 200, fast), unit("lisa-1", 300, slow),                          # lisa: 200 s vs 300 s
+             unit("ds-0", 400, fast), unit("ds-1", 500, None),                              # ds: none here
+             ("ds", "cells", out / "ds-2"), ("ds", "cells", out / "ds-3")]                  # ds: 2 to run
+    st = bench_status.unit_status(units, out, None, ["cells"], ["sft", "lisa", "ds"], here=slow)
+    factor = statistics.median([230 / 110, 300 / 200])
+    assert st["cpu_factor"] == pytest.approx(factor)
+    assert (st["timed_here"], st["timed_elsewhere"]) == (2, 5)
+    assert st["methods"]["ds"]["seconds_left"] == pytest.approx(2 * (400 + 500) * factor / 2)
+    assert st["seconds_left"] == pytest.approx(2 * 450 * factor)
+    text = bench_status.markdown(st)
+    assert f"counted {factor:.2f}x" in text and "2 finished units timed on it, 5 on other CPUs" in text
+
+    # on the fast CPU: the slow units count 1 / (230/110, 300/200)'s median, the ds units as they are
+    st = bench_status.unit_status(units, out, None, ["cells"], ["sft", "lisa", "ds"], here=fast)
+    assert st["cpu_factor"] == pytest.approx(statistics.median([110 / 230, 200 / 300]))
+    assert st["methods"]["ds"]["seconds_left"] == pytest.approx(2 * (400 + 500 * st["cpu_factor"]) / 2)
+    # no group timed on both CPUs: the times count as they are, and the report says so
+    st = bench_status.unit_status(units[5:], out, None, ["cells"], ["ds"], here=slow)
+    assert st["cpu_factor"] is None and st["methods"]["ds"]["seconds_left"] == pytest.approx(900)
+    assert "counted as they are" in bench_status.markdown(st)
