@@ -76,11 +76,28 @@ def _units(archive: Path) -> list[Path]:
     return sorted(units)
 
 
+def _remove_stale(dest: Path) -> None:
+    """The temporary dirs beside unit `dest` that a killed restore left (named with its process id; that
+    process is gone). Those of a live process, another one restoring now, are its own."""
+    prefix = f".{dest.name}.restore-"
+    for stale in dest.parent.glob(prefix + "*") if dest.parent.is_dir() else ():
+        pid = stale.name[len(prefix):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
+
+
 def restore(archive: Path, out_dir: Path) -> list[Path]:
     """Copy every archived unit that out_dir lacks (no done.json / results.json there) into out_dir, the gzipped
     files unpacked; a unit out_dir started but did not finish is replaced. Each unit is unpacked beside its place
     and renamed into it whole, so processes that restore the same archive at once (one per core) never see, or
-    delete, one another's half-restored unit. Returns the restored unit dirs."""
+    delete, one another's half-restored unit; what a killed restore left beside a unit is removed by the next
+    one. Returns the restored unit dirs."""
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_dir():
         return []
@@ -89,10 +106,11 @@ def restore(archive: Path, out_dir: Path) -> list[Path]:
         rel = src.relative_to(archive)
         dest = out_dir / rel
         marker = DONE if (src / DONE).exists() else "results.json"
+        _remove_stale(dest)
         if (dest / marker).exists():
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-{os.getpid()}-", dir=dest.parent))
         try:
             for f in sorted(p for p in src.rglob("*") if p.is_file()):
                 name = f.relative_to(src).as_posix()

@@ -665,6 +665,29 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
         shutil.rmtree(out)
 
 
+def test_what_a_killed_restore_left_is_removed_by_the_next_one(tmp_path):
+    """A restore killed mid-unit leaves its temporary dir beside the unit; the next restore removes it when its
+    process is gone, and keeps one whose process is alive (another process restoring now)."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    for i in range(3):
+        (arch / "cells" / f"c{i}").mkdir(parents=True)
+        (arch / "cells" / f"c{i}" / "done.json").write_text("{}")
+    (out / "cells").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = out / "cells" / f".c1.restore-{dead.pid}-x1"   # killed before c1 was in place
+    left_done = out / "cells" / f".c2.restore-{dead.pid}-x2"  # c2 finished by another process meanwhile
+    live = out / "cells" / f".c0.restore-{os.getpid()}-x3"
+    for d in (left, left_done, live):
+        (d / "eval").mkdir(parents=True)
+        (d / "done.json").write_text("{}")
+    shutil.copytree(arch / "cells" / "c2", out / "cells" / "c2")
+    restored = bench.bench_archive.restore(arch, out)
+    assert sorted(p.name for p in restored) == ["c0", "c1"]
+    assert not left.exists() and not left_done.exists() and live.exists()
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [live.name, "c0", "c1", "c2"]
+
+
 def test_status_counts_units_timed_on_another_cpu_in_this_cpus_time(tmp_path):
     """A grid spanning machines: a unit timed on another CPU is counted in this CPU's time, scaled by how much
     slower this CPU ran the units timed on both (hand-computed below)."""
