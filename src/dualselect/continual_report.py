@@ -29,7 +29,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _signed(cell: dict | None) -> str:
     if not cell or cell["value"] is None:
         return "-"
-    return f"{pct(cell['value'], True)} {interval_text(cell['ci95'], True)}"
+    return pct(cell["value"], True) + (f" {interval_text(cell['ci95'], True)}" if cell["ci95"] else "")
 
 
 def markdown(result: dict) -> str:
@@ -98,7 +98,9 @@ def markdown(result: dict) -> str:
         lines += ["## Paired differences", "",
                   ("Method minus baseline in points, the training seed as the unit: the mean of the per-seed "
                    "differences (same seed: same stage data and retention sample), a 95 % t interval and the paired "
-                   "t-test's p-value (df = seeds - 1). Over-refusal: lower is better; the others: higher."), ""]
+                   "t-test's p-value (df = seeds - 1); where every seed gave the same difference t is undefined and "
+                   "the exact sign-flip test over seeds stands in, with no interval. Over-refusal: lower is better; "
+                   "the others: higher."), ""]
         rows = [[c["method"], c["baseline"], metric, _signed({"value": t["mean_difference"], "ci95": t["ci95"]})
                  if t["mean_difference"] is not None else "-", p_text(t["p_value"]), t["test"] or "-"]
                 for c in result["comparisons"] for metric, t in c["metrics"].items()]

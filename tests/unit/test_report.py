@@ -443,8 +443,16 @@ def test_seed_level_test_by_hand():
     assert welch["test"] == "Welch t over seeds" and welch["p_value"] is not None
     assert rep.seed_level_test([.6], [.4])["p_value"] is None
     assert rep.seed_level_test([.6], [.4])["test"] == "needs >= 2 seeds per method"
-    same = rep.seed_level_test([.6, .6], [.4, .4])
-    assert same["p_value"] == 0.0 and same["ci95"] == pytest.approx((.2, .2))
+    # every seed the same difference (.3 - .1, .7 - .5 and .9 - .7 differ in float rounding only: sd 6e-17): the
+    # variance estimate is 0 and t undefined, not infinitely significant; the exact sign-flip test: 2 of 2^n signs
+    for seeds, p in ((2, 0.5), (3, 0.25)):
+        same = rep.seed_level_test([.3, .7, .9][:seeds], [.1, .5, .7][:seeds])
+        assert same["p_value"] == pytest.approx(p) and same["ci95"] is None
+        assert same["mean_difference"] == pytest.approx(.2)
+        assert same["test"] == rep.SAME_DIFFERENCE
+    assert rep.seed_level_test([.6, .6], [.6, .6])["p_value"] == 1.0
+    flat = rep.seed_level_test([.6, .6, .6], [.4, .4])
+    assert flat["p_value"] is None and flat["ci95"] is None and "undefined" in flat["test"]
 
 
 def test_seed_level_test_is_not_fooled_when_prompts_agree_but_seeds_disagree(tmp_path):

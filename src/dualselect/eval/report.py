@@ -46,6 +46,7 @@ FORMAT = "dualselect-report-1"
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
 SEEDS_WARNING = f"fewer than {MIN_SEEDS} seeds"
+SAME_DIFFERENCE = "sign-flip over seeds (every seed gave the same difference: no t interval)"
 EXACT_MAX = 16  # sign-flip test: all 2^m sign patterns are enumerated up to this many non-zero differences
 
 
@@ -463,7 +464,9 @@ def seed_level_test(method_means: Sequence[float], baseline_means: Sequence[floa
     The same number of seeds: paired by position (the i-th eval dir of each method, e.g. the same train.seed),
     a paired t-test of the per-seed differences (df = seeds - 1). Otherwise Welch's unpaired t-test of the
     seed means. The interval is mean +- t quantile * standard error. With fewer than 2 seeds on a side the
-    seed-to-seed variance is unknown: no interval and no p-value."""
+    seed-to-seed variance is unknown: no interval and no p-value. When every seed gave the same difference the
+    estimated variance is 0 and t is undefined (not infinitely significant): no interval, and the exact
+    sign-flip test of the per-seed differences (its smallest p is 2 / 2^seeds: 0.25 for 3 seeds)."""
     a, b = np.asarray(method_means, dtype=np.float64), np.asarray(baseline_means, dtype=np.float64)
     out = {"n_seeds": [int(a.size), int(b.size)], "mean_difference": None, "ci95": None, "p_value": None,
            "test": None, "df": None}
@@ -482,8 +485,11 @@ def seed_level_test(method_means: Sequence[float], baseline_means: Sequence[floa
     else:
         return {**out, "test": "needs >= 2 seeds per method"}
     out.update(test=test, df=float(df))
-    if se == 0.0:  # every seed gave the same difference
-        return {**out, "ci95": (diff, diff), "p_value": 1.0 if diff == 0 else 0.0}
+    if se <= 1e-12 * max(1.0, abs(diff)):  # every seed gave the same difference (up to float rounding; ties of
+        # scores counted on a few prompts): t is undefined
+        if test == "Welch t over seeds":
+            return {**out, "test": "Welch t undefined (every seed gave the same value on each side)"}
+        return {**out, "p_value": sign_flip_test(a - b)["p_value"], "test": SAME_DIFFERENCE}
     half = t_quantile(1 - (1 - confidence) / 2, df) * se
     return {**out, "ci95": (diff - half, diff + half), "p_value": t_two_sided_p(diff / se, df)}
 
@@ -699,7 +705,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"## Paired differences vs {base}", "",
               (f"Method minus {base} in percentage points. Headline: the training seed is the unit (per seed the "
                "mean over the prompts both have; paired t-test over seeds, 95% t interval), so seed-to-seed "
-               "variance counts. Second figure, prompt level: per prompt the mean over seeds, 95% bootstrap "
+               "variance counts; \"(sign-flip)\": every seed gave the same difference, so t is undefined and "
+               "the exact sign-flip test over seeds stands in, with no interval). Second figure, prompt level: per prompt the mean over seeds, 95% bootstrap "
                "interval over prompts and a two-sided sign-flip test; it ignores seed-to-seed variance."), ""]
     rows = []
     for method, by_bench in report["comparisons"].items():
@@ -711,7 +718,8 @@ def markdown(report: dict) -> str:
             seeds = "/".join(map(str, sd.get("n_seeds", [])))
             rows.append([method, short_name(col["benchmark"]), col["label"], seeds,
                          pct(sd.get("mean_difference"), True), interval_text(sd.get("ci95"), True),
-                         p_text(sd.get("p_value")) if sd.get("p_value") is not None else (sd.get("test") or "n/a"),
+                         (p_text(sd["p_value"]) + (" (sign-flip)" if sd.get("test") == SAME_DIFFERENCE else ""))
+                         if sd.get("p_value") is not None else (sd.get("test") or "n/a"),
                          str(c["n_prompts"]), pct(c["mean_difference"], True), interval_text(c["ci95"], True),
                          p_text(c["p_value"])])
     lines += _table(["method", "benchmark", "metric", "seeds", "difference", "95% CI (seeds)", "p (seeds)",
