@@ -422,7 +422,7 @@ def align_data_file(bench: BenchConfig, data_dir: str | None) -> Path:
     return path
 
 
-def _aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path) -> Path:
+def aligned_eval(bench: BenchConfig, table: dict[str, str], cfg, aligned: Path) -> Path:
     """Evaluate the aligned model itself with one table's eval settings (its calibration row)."""
     from .eval.run import evaluate
 
@@ -634,7 +634,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
     for key, members in tables.items():
         runs: dict[str, list[Path]] = {}
         if aligned is not None:
-            runs[ALIGNED] = [_aligned_eval(bench, members[0].table(), configs[members[0].name], aligned)]
+            runs[ALIGNED] = [aligned_eval(bench, members[0].table(), configs[members[0].name], aligned)]
         for c in members:
             runs.setdefault(c.method, []).append(c.path / "eval")
         if baseline not in runs:

@@ -34,8 +34,10 @@ replay, agem and dualselect-retention. Every stage's eval leaves out the prompts
 (eval.train_files), so every cell scores the same prompts of a benchmark.
 
 Layout: OUTPUT_DIR/{manifest.json, data/, runs/<method>/seed-<s>/<k>-<stage>/{cell.yaml, train/, eval/,
-done.json}, continual.json, report/{report.md, report.html, *.png}}. With `align` (and `align_data`) the
-model is first aligned as a bench alignment stage (bench.align_stage: merged and cached).
+done.json}, aligned-eval/<sha>/, continual.json, report/{report.md, report.html, *.png}}. With `align` (and
+`align_data`) the model is first aligned as a bench alignment stage (bench.align_stage: merged and cached), and
+evaluated once on every benchmark (aligned-eval, the report's start-model row; by --align-only and by a run of
+every chain).
 With `archive: DIR` every finished (method, seed) chain is also copied to DIR (bench_archive: logs, verdicts
 and ids, no adapters, no prompt text; meant to be committed) and restored from there by a later run on a
 machine whose output_dir lacks it, so a run of many chains spans sessions (a chain cut off mid-way is rerun).
@@ -575,6 +577,8 @@ def run_continual(path: str | Path, overrides: list[str] = (), quiet: bool = Fal
         if cc.archive and k == n - 1:
             _archive_chain(cc, [cell_of(cc, cell.method, int(cell.labels[bench.SEED_AXIS]), j) for j in range(n)])
     bar.close()
+    if aligned is not None and not only:  # one process (every chain): the start model's own row
+        start_eval(cc, aligned, cells[-1][1])
     result = collect(cc, data, cells, methods, seeds)
     result["notes"] = notes
     write_atomic(out / RESULTS, json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
@@ -602,9 +606,24 @@ def align_only(path: str | Path, overrides: list[str] = ()) -> str:
     """`dualselect continual CONFIG --align-only`: the alignment stage alone, checked against the archive."""
     from .methods import method_configs
 
-    cc, base, label, _ = load_continual(path, list(overrides))
-    aligned, _, notes = align(cc, base, label, method_configs())
+    cc, base, label, base_overrides = load_continual(path, list(overrides))
+    registry = method_configs()
+    aligned, align_data, notes = align(cc, base, label, registry)
+    if aligned is not None:  # the start model's row, with the last stage's eval settings (every benchmark)
+        data = prepare_data(cc, base, label, base_overrides, registry)
+        method, seed, last = next(iter(cc.methods)), cc.seeds[0], len(cc.stages) - 1
+        start_eval(cc, aligned, stage_config(cc, base, label, base_overrides, registry, data, method, seed, last,
+                                             aligned, align_data))
     return bench.aligned_summary(aligned, notes)
+
+
+def start_eval(cc: ContinualConfig, aligned: Path, cfg) -> Path:
+    """The aligned model the chains start from, evaluated on every stage's benchmark and the safety benchmarks
+    with the last stage's eval settings (the same prompts as every stage run): OUTPUT_DIR/aligned-eval/<its
+    weights' sha256, 12 digits>, archived. Run by --align-only and by a run of every chain (one process)."""
+    sha = bench.aligned_sha(aligned) or "unrecorded"
+    bc = bench.BenchConfig(output_dir=cc.output_dir, grid={"stage": {"all": []}}, archive=cc.archive)
+    return bench.aligned_eval(bc, {"start": sha[:12]}, cfg, aligned)
 
 
 def _archive_chain(cc: ContinualConfig, chain: list[bench.Cell]) -> None:
@@ -672,12 +691,17 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
         methods[method] = summary
     comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()
                    if m in methods and b in methods]
+    starts = sorted(p.parent for p in (Path(cc.output_dir) / "aligned-eval").glob("*/results.json"))
+    start = [{"aligned_sha256": d.name, "chains": [f"{m} s{seed}" for m in methods for seed, sha in
+                                                   zip(seeds, methods[m]["aligned_sha256"]) if (sha or "")[:12] == d.name],
+              "values": continual_metrics.start_values(d, task_benchmarks, safety, cc.resamples, d.name)}
+             for d in starts]
     from .eval.report import MIN_SEEDS, SEEDS_WARNING
 
     return {"format": FORMAT, "output_dir": cc.output_dir, "stages": data.facts, "seeds": seeds,
             "retention": {"per_stage": cc.retention.per_stage, "quotas": cc.retention.quotas,
                           "seed": cc.retention.seed},
-            "task_benchmarks": task_benchmarks, "safety_benchmarks": safety, "methods": methods,
+            "task_benchmarks": task_benchmarks, "safety_benchmarks": safety, "start": start, "methods": methods,
             "comparisons": comparisons,
             "method_overrides": {m: list(cc.methods[m]) for m in methods},
             "warning": SEEDS_WARNING if len(seeds) < MIN_SEEDS else None,

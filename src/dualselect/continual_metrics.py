@@ -174,6 +174,17 @@ def summarize_method(stage_names: list[str], task_benchmarks: list[str], safety:
     return out
 
 
+def start_values(eval_dir: Path, task_benchmarks: Sequence[str], safety: dict[str, str], resamples: int,
+                 label: str) -> dict[str, dict]:
+    """The start model's row (one evaluation, no seeds): per task and safety benchmark its headline metric,
+    the mean over prompts with a bootstrap interval over prompts (estimate with one seed)."""
+    kinds = {**{b: "task" for b in task_benchmarks}, **safety}
+    values = stage_values(eval_dir, kinds)
+    return {name: {"kind": kind, "metric": METRIC_OF_KIND[kind],
+                   **estimate([values], [name], lambda m, k=name: m[k], resamples, 0, label, name)}
+            for name, kind in kinds.items() if name in values}
+
+
 def compare_methods(method: dict, baseline: dict, name: str, baseline_name: str, safety: dict[str, str]) -> dict:
     """Method minus baseline, the training seed as the unit (eval.report.seed_level_test: a paired t-test of the
     per-seed differences, seeds paired by position, i.e. by train.seed: the same stage data and retention sample):

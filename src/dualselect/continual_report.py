@@ -52,6 +52,16 @@ def markdown(result: dict) -> str:
         row += [cell_text(info["safety"][b]["per_stage"][-1]) for b in safety]
         rows.append(row)
     lines += ["## Summary", "", *_table(header, rows), ""]
+    if result.get("start"):
+        tasks = result["task_benchmarks"]
+        lines += ["## Start model", "",
+                  ("The aligned model the chains start from, before any stage (one evaluation on the same prompts: "
+                   "intervals over prompts only); one row per start model (its weights' sha256, 12 digits)."), ""]
+        rows = [[st["aligned_sha256"], *(cell_text(st["values"].get(b)) for b in [*tasks, *safety]),
+                 ", ".join(st["chains"]) or "-"] for st in result["start"]]
+        lines += [*_table(["start model", *(f"{stages[j]} accuracy" for j in range(len(tasks))),
+                           *(f"{short_name(b)} {'refusal' if k == 'harmful' else 'over-refusal'}"
+                             for b, k in safety.items()), "chains started from it"], rows), ""]
 
     lines += ["## Accuracy matrix", "", "Rows: after training stage i; columns: task j.", ""]
     for m, info in methods.items():

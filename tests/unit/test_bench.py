@@ -585,13 +585,13 @@ def test_aligned_eval_is_redone_when_the_grid_changes_its_eval_settings(tiny_lin
         return load_config(None, ["train.method=dualselect", *overrides], method_configs(), raw=base, label=label)
 
     first = cfg_with()
-    bench._aligned_eval(b, {}, first, tiny_link / "tiny")
-    bench._aligned_eval(b, {}, cfg_with(), tiny_link / "tiny")
+    bench.aligned_eval(b, {}, first, tiny_link / "tiny")
+    bench.aligned_eval(b, {}, cfg_with(), tiny_link / "tiny")
     assert len(calls) == 1  # reused
     for change in (f"eval.benchmarks=['harmful:{tiny_link}/evharm.jsonl']", "eval.max_new_tokens=5", "eval.limit=3"):
-        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
-        bench._aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
-        bench._aligned_eval(b, {}, first, tiny_link / "tiny")  # back to the first settings: redone again
+        bench.aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench.aligned_eval(b, {}, cfg_with(change), tiny_link / "tiny")
+        bench.aligned_eval(b, {}, first, tiny_link / "tiny")  # back to the first settings: redone again
     assert len(calls) == 1 + 3 * 2
     assert calls[1] == [f"harmful:{tiny_link}/evharm.jsonl"]
 

@@ -500,6 +500,45 @@ def test_only_runs_and_reports_the_chosen_methods(tmp_path, tiny_model_dir, monk
         assert message in capsys.readouterr().err
 
 
+def test_the_start_model_is_evaluated_once_on_every_benchmark_and_reported(tmp_path, tiny_model_dir, monkeypatch):
+    """With an alignment stage, --align-only and a run of every chain evaluate the aligned model the chains start
+    from (not a run of some chains: two of them may run at once); the report's start-model row holds its
+    figures, counted here by hand from its verdicts, and names the chains that started from it."""
+    monkeypatch.setenv("DUALSELECT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    cfg = _base(out, tiny_model_dir)
+    cfg["continual"]["align"] = ["data.task={demo_data}/sentiment_train.jsonl[8:16]", "train.epochs=1"]
+    cfg["continual"]["methods"] = {"replay": cfg["continual"]["methods"]["replay"]}
+    cfg["continual"]["retention"]["quotas"] = {}
+    del cfg["dualselect"]
+    path = _write(tmp_path, cfg)
+    ran, real = [], bench.run_cell
+    monkeypatch.setattr(bench, "run_cell", lambda cell, *a: (ran.append(cell.path), real(cell, *a))[1])
+    assert main(["continual", str(path), "--quiet", "--only", "method=replay"]) == 0
+    assert len(ran) == 2 and not (out / "aligned-eval").exists()  # a run of some chains: not here
+    assert main(["continual", str(path), "--align-only"]) == 0
+    [start] = list((out / "aligned-eval").iterdir())
+    sha = bench.aligned_sha(Path(json.loads((start / "results.json").read_text())["model"]["name_or_path"]))
+    assert start.name == sha[:12] and len(ran) == 2
+    samples = [json.loads(line) for line in (start / "samples.jsonl").read_text().splitlines()]
+    names = [b["name"] for b in json.loads((start / "results.json").read_text())["benchmarks"]]
+    assert [n.split(":")[0] + ":" + Path(n).name for n in names] == [  # every stage's benchmark, the safety ones
+        "task:sentiment_test.jsonl", "task:arithmetic_test.jsonl", "harmful:heldout_harmful.jsonl",
+        "overrefusal:heldout_benign.jsonl"]
+    stamp = (start / "results.json").stat().st_mtime_ns
+    assert main(["continual", str(path), "--quiet"]) == 0  # every chain: found done, the start row reused
+    assert len(ran) == 2 and (start / "results.json").stat().st_mtime_ns == stamp
+    result = json.loads((out / "continual.json").read_text())
+    [row] = result["start"]
+    assert row["aligned_sha256"] == sha[:12] and row["chains"] == ["replay s0"]
+    for name in names:
+        recs = [r for r in samples if r["benchmark"] == name]
+        key = {"task": "correct", "harmful": "refused", "overrefusal": "refused"}[recs[0]["kind"]]
+        assert len(recs) == 3 and row["values"][name]["value"] == pytest.approx(sum(r[key] for r in recs) / 3)
+    text = (out / "report" / "report.md").read_text()
+    assert "## Start model" in text and f"| {sha[:12]} |" in text and "| replay s0 |" in text
+
+
 def test_status_counts_stage_runs_and_runs_nothing(tmp_path, capsys):
     cfg = _base(tmp_path / "out")
     cfg["continual"]["seeds"] = [0, 1]
