@@ -692,8 +692,9 @@ def collect(cc: ContinualConfig, data: StageData, cells: list, methods: list[str
     comparisons = [continual_metrics.compare_methods(methods[m], methods[b], m, b, safety) for m, b in cc.pairs()
                    if m in methods and b in methods]
     starts = sorted(p.parent for p in (Path(cc.output_dir) / "aligned-eval").glob("*/results.json"))
-    start = [{"aligned_sha256": d.name, "chains": [f"{m} s{seed}" for m in methods for seed, sha in
-                                                   zip(seeds, methods[m]["aligned_sha256"]) if (sha or "")[:12] == d.name],
+    start = [{"aligned_sha256": d.name,
+              "chains": [f"{m} s{seed}" for m in methods
+                         for seed, sha in zip(seeds, methods[m]["aligned_sha256"]) if (sha or "")[:12] == d.name],
               "values": continual_metrics.start_values(d, task_benchmarks, safety, cc.resamples, d.name)}
              for d in starts]
     from .eval.report import MIN_SEEDS, SEEDS_WARNING

@@ -409,7 +409,8 @@ def test_paired_differences_take_the_seed_as_the_unit():
     # t quantile 0.975, df 2 = 4.302653
     assert avg["ci95"] == pytest.approx((0.2 - 4.302653 * 0.1 / 3 ** 0.5, 0.2 + 4.302653 * 0.1 / 3 ** 0.5), rel=1e-4)
     bwt = c["metrics"]["BWT"]  # the same difference for every seed: no t interval, the exact sign-flip p = 2 / 8
-    assert bwt["ci95"] is None and bwt["p_value"] == pytest.approx(0.25) and bwt["mean_difference"] == pytest.approx(0.1)
+    assert bwt["ci95"] is None and bwt["p_value"] == pytest.approx(0.25)
+    assert bwt["mean_difference"] == pytest.approx(0.1)
     refusal = c["metrics"]["harmful:h refusal (last stage)"]
     assert refusal["mean_difference"] == 0.0 and refusal["p_value"] == 1.0
 

@@ -705,9 +705,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"## Paired differences vs {base}", "",
               (f"Method minus {base} in percentage points. Headline: the training seed is the unit (per seed the "
                "mean over the prompts both have; paired t-test over seeds, 95% t interval), so seed-to-seed "
-               "variance counts; \"(sign-flip)\": every seed gave the same difference, so t is undefined and "
-               "the exact sign-flip test over seeds stands in, with no interval). Second figure, prompt level: per prompt the mean over seeds, 95% bootstrap "
-               "interval over prompts and a two-sided sign-flip test; it ignores seed-to-seed variance."), ""]
+               "variance counts (\"(sign-flip)\": every seed gave the same difference, so t is undefined and the "
+               "exact sign-flip test over seeds stands in, with no interval). Second figure, prompt level: per "
+               "prompt the mean over seeds, 95% bootstrap interval over prompts and a two-sided sign-flip test; it "
+               "ignores seed-to-seed variance."), ""]
     rows = []
     for method, by_bench in report["comparisons"].items():
         for col in cols:
