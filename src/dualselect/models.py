@@ -260,19 +260,37 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name_or_path: str, precision: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM; returns (model, resolved precision, device). `trust_remote_code`: as load_tokenizer."""
+def load_model(name_or_path: str, precision: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               quiet: bool = False):
+    """Load a causal LM; returns (model, resolved precision, device). `trust_remote_code`: as load_tokenizer.
+    `quiet` (train.quiet, eval.quiet): without transformers' "Loading weights" progress bar."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path, trust_remote_code), dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+        with _progress_bars_off(quiet):
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path, trust_remote_code),
+                                                         dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _load_error("model", name_or_path, e) from None
     return model.to(dev), prec, dev
+
+
+@contextlib.contextmanager
+def _progress_bars_off(off: bool):
+    """transformers' progress bars switched off inside (when `off`), then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if off and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def enable_gradient_checkpointing(model) -> None:

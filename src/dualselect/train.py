@@ -244,7 +244,8 @@ def build(cfg: RunConfig, run_dir: Path, resuming: bool = False, comm=None) -> S
         load_encoded(cfg.data.reference, cfg, tokenizer, cfg.data.reference_limit, "reference")
         if cfg.data.reference else (None, None, None))
     model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+                                                 trust_remote_code=cfg.model.trust_remote_code,
+                                                 quiet=cfg.train.quiet or not comm.is_main)
     model = models.add_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                             cfg.model.lora_targets, cfg.model.init_adapter)
     if cfg.model.gradient_checkpointing:

@@ -114,7 +114,8 @@ def load_for_eval(cfg: RunConfig, adapter=_DEFAULT):
     adapter = cfg.eval.adapter if adapter is _DEFAULT else adapter
     tok = models.load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     model, precision, device = models.load_model(cfg.model.name_or_path, cfg.model.precision, cfg.model.device,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+                                                 trust_remote_code=cfg.model.trust_remote_code,
+                                                 quiet=cfg.eval.quiet or cfg.train.quiet)
     if adapter:
         from peft import PeftModel
 
