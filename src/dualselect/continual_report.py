@@ -32,6 +32,11 @@ def _signed(cell: dict | None) -> str:
     return pct(cell["value"], True) + (f" {interval_text(cell['ci95'], True)}" if cell["ci95"] else "")
 
 
+def _count(mean: float) -> str:
+    """A mean count over seeds, to one decimal (40, 37.7, 2.3)."""
+    return f"{mean:.1f}".removesuffix(".0")
+
+
 def markdown(result: dict) -> str:
     stages = [s["name"] for s in result["stages"]]
     methods = result["methods"]
@@ -87,8 +92,8 @@ def markdown(result: dict) -> str:
         lines += ["## References chosen per source", "",
                   ("Per refresh of the methods that refresh a reference set: the chosen references by source (the "
                    "prefix of their ids: safety, or the earlier stage they were retained from), mean over seeds."), ""]
-        rows = [[m, r["stage"], str(r["refresh"]), *(f"{r['mean_by_source'].get(s, 0):g}" for s in sources),
-                 ", ".join(f"{t} {n:g}" for t, n in r.get("mean_by_target", {}).items()) or "-"]
+        rows = [[m, r["stage"], str(r["refresh"]), *(_count(r["mean_by_source"].get(s, 0)) for s in sources),
+                 ", ".join(f"{t} {_count(n)}" for t, n in r.get("mean_by_target", {}).items()) or "-"]
                 for m, r in refs]
         lines += [*_table(["method", "stage", "refresh", *sources, "retained rows by target"], rows), ""]
 

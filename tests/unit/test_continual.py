@@ -585,3 +585,20 @@ def test_the_report_says_which_aligned_model_each_chain_started_from():
     del result["methods"]["agem"]
     result["methods"]["sft"]["aligned_sha256"] = [a, a]
     assert start_models_note(result) is None  # one start model: nothing to say
+
+
+def test_chosen_references_per_source_print_to_one_decimal():
+    from dualselect.continual_report import markdown
+
+    cell = {"value": 0.5, "ci95": [0.4, 0.6]}
+    stage = {"n_train": 2, "task": "t", "n_harmful_pairs": 0, "benchmark": "task:t"}
+    result = {"stages": [{"name": "a", **stage}, {"name": "b", **stage}], "seeds": [0, 1, 2], "safety_benchmarks": {},
+              "method_overrides": {}, "retention": {"per_stage": 1, "quotas": {}, "seed": 0},
+              "task_benchmarks": ["task:a", "task:b"],
+              "methods": {"dualselect-retention": {
+                  "average_accuracy": cell, "bwt": cell, "safety": {}, "accuracy": [[cell], [cell, cell]],
+                  "forgetting": [cell],
+                  "references": [{"stage": "b", "refresh": 1, "mean_by_source": {"safety": 113 / 3, "a": 7 / 3},
+                                  "mean_by_target": {"a: negative": 7 / 3}}]}}}
+    text = markdown(result)
+    assert "| dualselect-retention | b | 1 | 2.3 | 37.7 | a: negative 2.3 |" in text, text
