@@ -6,7 +6,8 @@ the same steps, and the terms' spread within a batch.
 
 Arguments: train dirs, or directories searched for them (every */train with a DualSelect config.yaml: a bench
 output dir or its archive). The data directory must hold the runs' task data (the harmful pairs' ids come from
-it). Prints one Markdown row per run; --json writes the figures.
+it). Prints one Markdown row per run, and for runs on a label task the target mix of the kept samples; --json
+writes the figures.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(task_filter.markdown(runs))
+    by_target = task_filter.targets_markdown(runs)
+    if by_target:  # label tasks: which labels the filter kept
+        print("\n" + by_target)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2) + "\n")
     return 0

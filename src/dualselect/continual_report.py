@@ -102,8 +102,8 @@ def markdown(result: dict) -> str:
         tasks = list(dict.fromkeys(a["benchmark"] for _, a in answers))
         lines += ["## Most frequent answer", "",
                   ("Per label task, after every stage: the share of its test prompts given the most frequent answer "
-                   "(mean over seeds, in percent) and that answer per seed. Near 100: the model answers one label "
-                   "whatever the input, which accuracy alone does not show."), ""]
+                   "(mean over seeds, in percent) and, per seed, that answer and its share. Near 100: the model "
+                   "answers one label whatever the input, which accuracy alone does not show."), ""]
         cells = {(m, a["stage"], a["benchmark"]): a for m, a in answers}
         rows = [[m, stage, *(_answer_text(cells.get((m, stage, b))) for b in tasks)]
                 for m, stage in dict.fromkeys((m, a["stage"]) for m, a in answers)]
@@ -146,9 +146,12 @@ def start_models_note(result: dict) -> str | None:
 
 
 def _answer_text(a: dict | None) -> str:
+    """Mean share of the most frequent answer, then each seed's answer and its share, e.g. 67.3 (positive 50.5,
+    negative 76.5)."""
     if a is None:
         return "-"
-    return f"{100 * a['mean_share']:.1f} ({', '.join(str(x['answer']) for x in a['per_seed'])})"
+    seeds = ", ".join(f"{x['answer']} {100 * x['share']:.1f}" for x in a["per_seed"])
+    return f"{100 * a['mean_share']:.1f} ({seeds})"
 
 
 def _value(cell: dict | None) -> float:

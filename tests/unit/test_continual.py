@@ -382,6 +382,8 @@ def test_two_stages_two_methods_stop_between_stages_and_resume(tmp_path, tiny_mo
     text = (report / "report.md").read_text()
     assert "## Accuracy matrix" in text and "BWT" in text and "## References chosen per source" in text
     assert "## Most frequent answer" in text and "retained rows by target" in text
+    a = result["methods"]["replay"]["answers"][0]  # one seed: its share is the mean, written with its answer
+    assert f"{100 * a['mean_share']:.1f} ({a['per_seed'][0]['answer']} {100 * a['per_seed'][0]['share']:.1f})" in text
 
     ran.clear()  # a third run recomputes nothing and writes the same numbers
     assert main(["continual", str(path), "--quiet"]) == 0

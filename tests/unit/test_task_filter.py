@@ -52,6 +52,31 @@ def test_figures_of_a_hand_worked_log():
         task_filter.step_rows([{**EVENTS[1], "ids": ["zz"]}], set(), 2, None, 1.0, 1.0, False)
 
 
+def test_target_mix_of_the_kept_samples():
+    # a, b, g answer "positive", c, d, h "negative": candidates 3 / 3; kept a, b (step 1) and d, g (step 2): 3
+    # positive, 1 negative; loss only the same; cosine only h, a and g, d: 2 / 2
+    labels = {"a": "positive", "b": "positive", "g": "positive", "c": "negative", "d": "negative", "h": "negative"}
+    s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, labels))
+    assert s["targets"] == {"negative": 0.5, "positive": 0.5}
+    assert s["kept_targets"] == s["loss_only_targets"] == {"negative": 0.25, "positive": 0.75}
+    assert s["cosine_only_targets"] == {"negative": 0.5, "positive": 0.5}
+    md = task_filter.targets_markdown([{"label": "run", **s}])
+    assert "| run | positive | 50.0 | 75.0 / 75.0 / 50.0 |" in md.splitlines()
+    # an id without a known target is left out of the mix; free text (more than MAX_LABELS targets) gives none
+    s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, {"a": "positive"}))
+    assert s["targets"] == s["kept_targets"] == {"positive": 1.0} and s["cosine_only_targets"] == {"positive": 1.0}
+    free = {i: f"answer {n}" for n, i in enumerate("abcdgh")}
+    old = task_filter.MAX_LABELS
+    task_filter.MAX_LABELS = 5
+    try:
+        s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, free))
+    finally:
+        task_filter.MAX_LABELS = old
+    assert s["targets"] is None and s["kept_targets"] is None
+    assert task_filter.targets_markdown([{"label": "run", **s}]) == ""
+    assert task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False))["targets"] is None
+
+
 def test_a_real_run_read_back(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "task.jsonl", [{"id": f"t{i}", "prompt": f"What is {i} plus {i + 3}?",
                                            "response": str(2 * i + 3)} for i in range(24)])
@@ -68,7 +93,8 @@ def test_a_real_run_read_back(tmp_path, tiny_model_dir):
                              f"train.output_dir={tmp_path / 'run'}", "train.quiet=true"], method_configs())
     train(cfg)
     run = task_filter.read_run(tmp_path / "run")
-    assert run["steps"] == 4 and run["candidates"] == 16  # 1 warm-up step, then 16 / 4 and run["chance"] == pytest.approx(0.5)
+    assert run["steps"] == 4 and run["candidates"] == 16  # 1 warm-up step, then 16 / 4
+    assert run["chance"] == pytest.approx(0.5)  # k_T 2 of 4
     harmful = {f"h{i}" for i in range(4)}  # round(0.25 * 16) harmful pairs, the first rows of harm.jsonl
     steps = [json.loads(line) for line in (tmp_path / "run" / "selection.jsonl").read_text().splitlines()]
     steps = [e for e in steps if e["kind"] == "step"]
@@ -80,6 +106,7 @@ def test_a_real_run_read_back(tmp_path, tiny_model_dir):
     for e in steps:
         c = e["candidates"]
         assert {c["ids"][i] for i in select_task(c["scores"], 2).index} == set(e["ids"])
+    assert run["targets"] is None  # 17 distinct answers among the candidates: free text, no target mix
     text = task_filter.markdown([run])
     assert str(tmp_path / "run") in text and text.count("\n") == 2
     pooled = task_filter.read_method("dualselect", [tmp_path / "run", tmp_path / "run"])

@@ -14,7 +14,8 @@ positive weight or a per-term standardisation does not change it; soft mode keep
 Reported: the share of harmful and of other candidates kept (actual, loss only, cosine only; chance = the
 overall keep share), how much of the kept set each one-term rule shares, and the terms' spread within a batch
 (mean standard deviation of mu_T * loss and of nu * cos; with score_norm zscore each term is standardised, so
-they are mu_T and nu).
+they are mu_T and nu). On a label task (at most MAX_LABELS distinct targets among the candidates) also the target
+mix of each rule's kept samples: keeping the lowest losses can keep mostly the label the model already favours.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Iterable
 from ..errors import DualSelectError
 from ..selection.dualselect import select_task
 
+MAX_LABELS = 10  # more distinct targets than this: free text, no target mix is reported
+
 
 def _keep(values: list[float], k: int, tokens: list[int], budget: float | None) -> set[int]:
     """Positions of the candidates a hard, lowest-first rule keeps from `values` (the run's k_T or budget)."""
@@ -36,9 +39,10 @@ def _keep(values: list[float], k: int, tokens: list[int], budget: float | None) 
 
 
 def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float | None, mu: float, nu: float,
-              zscore: bool) -> list[dict]:
-    """Per step event: candidate ids, which are harmful, and the kept positions (actual, loss only, cosine only);
-    the terms' spread."""
+              zscore: bool, targets: dict[str, str] | None = None) -> list[dict]:
+    """Per step event: candidate ids, which are harmful, their targets (`targets`: id -> target text; None where
+    unknown), and the kept positions (actual, loss only, cosine only); the terms' spread."""
+    targets = targets or {}
     rows = []
     for ev in events:
         if ev.get("kind") != "step" or "candidates" not in ev:
@@ -54,7 +58,7 @@ def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float |
         spread = (abs(mu), abs(nu)) if zscore else (abs(mu) * pstdev(losses), abs(nu) * pstdev(cos))
         flags = [cid in harmful for cid in ids]
         rows.append({
-            "step": ev.get("step"), "n": len(ids), "harmful": flags,
+            "step": ev.get("step"), "n": len(ids), "harmful": flags, "targets": [targets.get(i) for i in ids],
             "kept": {where[i] for i in ev["ids"]},
             "loss_only": _keep(losses, k, tokens, budget) if finite else None,
             "cosine_only": _keep([-c for c in cos], k, tokens, budget) if finite else None,
@@ -78,6 +82,22 @@ def _share(rows: list[dict], rule: str, harmful: bool) -> float | None:
                 total += 1
                 kept += pos in r[rule]
     return kept / total if total else None
+
+
+def _target_mix(rows: list[dict], rule: str | None) -> dict[str, float] | None:
+    """Share of each target among the candidates `rule` kept (all candidates for None), over all steps; None
+    without known targets, or when the candidates hold more than MAX_LABELS distinct targets (not a label task)."""
+    if len({x for r in rows for x in r["targets"] if x is not None}) > MAX_LABELS:
+        return None
+    counts: dict[str, int] = {}
+    for r in rows:
+        if rule is not None and r[rule] is None:
+            continue
+        for pos, target in enumerate(r["targets"]):
+            if target is not None and (rule is None or pos in r[rule]):
+                counts[target] = counts.get(target, 0) + 1
+    n = sum(counts.values())
+    return {t: counts[t] / n for t in sorted(counts)} if n else None
 
 
 def _agreement(rows: list[dict], rule: str) -> float | None:
@@ -105,6 +125,8 @@ def summarize(rows: list[dict]) -> dict:
         "cosine_spread": mean(r["cosine_spread"] for r in rows) if rows else None,
         "harmful_loss": avg("harmful_loss"), "other_loss": avg("other_loss"),
         "harmful_cosine": avg("harmful_cos"), "other_cosine": avg("other_cos"),
+        "targets": _target_mix(rows, None), "kept_targets": _target_mix(rows, "kept"),
+        "loss_only_targets": _target_mix(rows, "loss_only"), "cosine_only_targets": _target_mix(rows, "cosine_only"),
     }
 
 
@@ -124,6 +146,7 @@ def read_rows(train_dir: str | Path) -> tuple[dict, list[dict]]:
     ds = cfg.method_args
     examples, _ = load_task_examples(cfg.data)
     harmful = {e.id for e in examples if e.meta.get("harmful_pair")}
+    targets = {e.id: e.response.strip() for e in examples}
     path, packed = train_dir / "selection.jsonl", train_dir / "selection.jsonl.gz"  # a run's, or a bench archive's
     if path.exists():
         events = read_records(path)
@@ -133,7 +156,8 @@ def read_rows(train_dir: str | Path) -> tuple[dict, list[dict]]:
         raise DualSelectError(f"{train_dir}: no selection.jsonl (or .jsonl.gz)")
     facts = {"k_task": ds.k_task, "budget": ds.budget, "mu_task": ds.mu_task, "nu": ds.nu, "rho": ds.rho,
              "score_norm": ds.score_norm}
-    return facts, step_rows(events, harmful, ds.k_task, ds.budget, ds.mu_task, ds.nu, ds.score_norm == "zscore")
+    return facts, step_rows(events, harmful, ds.k_task, ds.budget, ds.mu_task, ds.nu, ds.score_norm == "zscore",
+                            targets)
 
 
 def read_run(train_dir: str | Path) -> dict:
@@ -172,3 +196,22 @@ def markdown(runs: list[dict]) -> str:
             f"{num(r['cosine_spread'])} | {num(r['harmful_loss'])} / {num(r['other_loss'])} | "
             f"{num(r['harmful_cosine'])} / {num(r['other_cosine'])} |")
     return "\n".join(lines)
+
+
+def targets_markdown(runs: list[dict]) -> str:
+    """The target mix of the kept samples, one row per (run, target) of the runs on a label task ("" if none)."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = []
+    for r in runs:
+        if not r.get("targets"):
+            continue
+        for target, share in r["targets"].items():
+            kept = [(r.get(key) or {}).get(target) for key in ("kept_targets", "loss_only_targets",
+                                                                  "cosine_only_targets")]
+            lines.append(f"| {r['label']} | {target} | {pct(share)} | {' / '.join(pct(x) for x in kept)} |")
+    if not lines:
+        return ""
+    return "\n".join(["| run | target | of the candidates % | of the kept samples %: run / loss only / cosine only |",
+                      "|---|---|---|---|", *lines])
