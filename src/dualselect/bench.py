@@ -690,9 +690,11 @@ def _task_filter_md(members: list[Cell], configs: dict) -> str:
             "and of other samples kept, by the run and by loss-only / cosine-only ranking at the same step and state "
             "(python benchmarks/task_filter.py; seeds pooled).\n\n")
     try:
-        return head + task_filter.markdown([task_filter.read_method(m, d) for m, d in dirs.items()])
+        runs = [task_filter.read_method(m, d) for m, d in dirs.items()]
     except DualSelectError as e:  # e.g. the data directory is not readable here: the rest of the report stands
         return head + f"Not computed: {e}"
+    by_target = task_filter.targets_markdown(runs)  # a label task: which labels the filter kept
+    return head + task_filter.markdown(runs) + (f"\n\nThe kept samples' targets:\n\n{by_target}" if by_target else "")
 
 
 RATIO_AXIS = "data.harmful_ratio"

@@ -60,6 +60,11 @@ def test_target_mix_of_the_kept_samples():
     assert s["targets"] == {"negative": 0.5, "positive": 0.5}
     assert s["kept_targets"] == s["loss_only_targets"] == {"negative": 0.25, "positive": 0.75}
     assert s["cosine_only_targets"] == {"negative": 0.5, "positive": 0.5}
+    # harmful pairs (free-text answers) are left out of the mix: a, b, c, d; kept a, b, d; cosine only a, d
+    s_h = task_filter.summarize(task_filter.step_rows(EVENTS, {"h", "g"}, 2, None, 1.0, 1.0, False, labels))
+    assert s_h["targets"] == {"negative": 0.5, "positive": 0.5}
+    assert s_h["kept_targets"] == pytest.approx({"negative": 1 / 3, "positive": 2 / 3})
+    assert s_h["cosine_only_targets"] == {"negative": 0.5, "positive": 0.5}
     md = task_filter.targets_markdown([{"label": "run", **s}])
     assert "| run | positive | 50.0 | 75.0 / 75.0 / 50.0 |" in md.splitlines()
     # an id without a known target is left out of the mix; free text (more than MAX_LABELS targets) gives none

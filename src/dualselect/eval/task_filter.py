@@ -14,8 +14,8 @@ positive weight or a per-term standardisation does not change it; soft mode keep
 Reported: the share of harmful and of other candidates kept (actual, loss only, cosine only; chance = the
 overall keep share), how much of the kept set each one-term rule shares, and the terms' spread within a batch
 (mean standard deviation of mu_T * loss and of nu * cos; with score_norm zscore each term is standardised, so
-they are mu_T and nu). On a label task (at most MAX_LABELS distinct targets among the candidates) also the target
-mix of each rule's kept samples: keeping the lowest losses can keep mostly the label the model already favours.
+they are mu_T and nu). On a label task (at most MAX_LABELS distinct targets among the candidates that are not
+harmful pairs) also the target mix of each rule's kept task samples: keeping the lowest losses can keep mostly the label the model already favours.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _keep(values: list[float], k: int, tokens: list[int], budget: float | None) 
 def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float | None, mu: float, nu: float,
               zscore: bool, targets: dict[str, str] | None = None) -> list[dict]:
     """Per step event: candidate ids, which are harmful, their targets (`targets`: id -> target text; None where
-    unknown), and the kept positions (actual, loss only, cosine only); the terms' spread."""
+    unknown and for harmful pairs), and the kept positions (actual, loss only, cosine only); the terms' spread."""
     targets = targets or {}
     rows = []
     for ev in events:
@@ -58,7 +58,8 @@ def step_rows(events: Iterable[dict], harmful: set[str], k: int, budget: float |
         spread = (abs(mu), abs(nu)) if zscore else (abs(mu) * pstdev(losses), abs(nu) * pstdev(cos))
         flags = [cid in harmful for cid in ids]
         rows.append({
-            "step": ev.get("step"), "n": len(ids), "harmful": flags, "targets": [targets.get(i) for i in ids],
+            "step": ev.get("step"), "n": len(ids), "harmful": flags,
+            "targets": [None if h else targets.get(i) for i, h in zip(ids, flags)],  # the task samples' targets
             "kept": {where[i] for i in ev["ids"]},
             "loss_only": _keep(losses, k, tokens, budget) if finite else None,
             "cosine_only": _keep([-c for c in cos], k, tokens, budget) if finite else None,
