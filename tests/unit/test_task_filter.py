@@ -52,7 +52,7 @@ def test_figures_of_a_hand_worked_log():
         task_filter.step_rows([{**EVENTS[1], "ids": ["zz"]}], set(), 2, None, 1.0, 1.0, False)
 
 
-def test_target_mix_of_the_kept_samples():
+def test_target_mix_of_the_kept_samples(monkeypatch):
     # a, b, g answer "positive", c, d, h "negative": candidates 3 / 3; kept a, b (step 1) and d, g (step 2): 3
     # positive, 1 negative; loss only the same; cosine only h, a and g, d: 2 / 2
     labels = {"a": "positive", "b": "positive", "g": "positive", "c": "negative", "d": "negative", "h": "negative"}
@@ -71,12 +71,8 @@ def test_target_mix_of_the_kept_samples():
     s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, {"a": "positive"}))
     assert s["targets"] == s["kept_targets"] == {"positive": 1.0} and s["cosine_only_targets"] == {"positive": 1.0}
     free = {i: f"answer {n}" for n, i in enumerate("abcdgh")}
-    old = task_filter.MAX_LABELS
-    task_filter.MAX_LABELS = 5
-    try:
-        s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, free))
-    finally:
-        task_filter.MAX_LABELS = old
+    monkeypatch.setattr(task_filter, "MAX_LABELS", 5)
+    s = task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False, free))
     assert s["targets"] is None and s["kept_targets"] is None
     assert task_filter.targets_markdown([{"label": "run", **s}]) == ""
     assert task_filter.summarize(task_filter.step_rows(EVENTS, set(), 2, None, 1.0, 1.0, False))["targets"] is None

@@ -15,7 +15,8 @@ Reported: the share of harmful and of other candidates kept (actual, loss only, 
 overall keep share), how much of the kept set each one-term rule shares, and the terms' spread within a batch
 (mean standard deviation of mu_T * loss and of nu * cos; with score_norm zscore each term is standardised, so
 they are mu_T and nu). On a label task (at most MAX_LABELS distinct targets among the candidates that are not
-harmful pairs) also the target mix of each rule's kept task samples: keeping the lowest losses can keep mostly the label the model already favours.
+harmful pairs) also the target mix of each rule's kept task samples: keeping the lowest losses can keep mostly
+the label the model already favours.
 """
 
 from __future__ import annotations
