@@ -30,6 +30,7 @@ from typing import Iterable
 
 from ..errors import DualSelectError
 from ..selection.dualselect import select_task
+from .metrics import pct
 
 MAX_LABELS = 10  # more distinct targets than this: free text, no target mix is reported
 
@@ -177,10 +178,6 @@ def read_method(label: str, train_dirs: list[Path]) -> dict:
             **summarize([r for _, rows in read for r in rows])}
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def markdown(runs: list[dict]) -> str:
     def num(x):
         return "-" if x is None else f"{x:.3f}"
@@ -192,10 +189,10 @@ def markdown(runs: list[dict]) -> str:
     for r in runs:
         lines.append(
             f"| {r['label']} | {r['budget'] if r['budget'] is not None else r['k_task']} | {r['mu_task']:g}, "
-            f"{r['nu']:g} | {r['steps']} | {r['harmful_candidates']} | {_pct(r['chance'])} | "
-            f"{_pct(r['kept_harmful'])} / {_pct(r['loss_only_harmful'])} / {_pct(r['cosine_only_harmful'])} | "
-            f"{_pct(r['kept_other'])} / {_pct(r['loss_only_other'])} / {_pct(r['cosine_only_other'])} | "
-            f"{_pct(r['agree_loss_only'])} / {_pct(r['agree_cosine_only'])} | {num(r['loss_spread'])} / "
+            f"{r['nu']:g} | {r['steps']} | {r['harmful_candidates']} | {pct(r['chance'])} | "
+            f"{pct(r['kept_harmful'])} / {pct(r['loss_only_harmful'])} / {pct(r['cosine_only_harmful'])} | "
+            f"{pct(r['kept_other'])} / {pct(r['loss_only_other'])} / {pct(r['cosine_only_other'])} | "
+            f"{pct(r['agree_loss_only'])} / {pct(r['agree_cosine_only'])} | {num(r['loss_spread'])} / "
             f"{num(r['cosine_spread'])} | {num(r['harmful_loss'])} / {num(r['other_loss'])} | "
             f"{num(r['harmful_cosine'])} / {num(r['other_cosine'])} |")
     return "\n".join(lines)
@@ -210,7 +207,7 @@ def targets_markdown(runs: list[dict]) -> str:
         for target, share in r["targets"].items():
             kept = [(r.get(key) or {}).get(target) for key in ("kept_targets", "loss_only_targets",
                                                                   "cosine_only_targets")]
-            lines.append(f"| {r['label']} | {target} | {_pct(share)} | {' / '.join(_pct(x) for x in kept)} |")
+            lines.append(f"| {r['label']} | {target} | {pct(share)} | {' / '.join(pct(x) for x in kept)} |")
     if not lines:
         return ""
     return "\n".join(["| run | target | of the candidates % | of the kept samples %: run / loss only / cosine only |",
