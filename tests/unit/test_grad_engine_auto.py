@@ -21,13 +21,13 @@ from dualselect.train import build, train
 from test_grads import _samples  # three samples of lengths 5-14, prompts masked
 
 
-def _slowed(base):
+def _slowed(base, clock):
     class Slow(base):
         calls = 0
 
         def __call__(self, *args, **kwargs):
             type(self).calls += 1
-            time.sleep(0.05)
+            clock.extra += 60.0  # a minute on the probe's clock, however long the real call takes
             return super().__call__(*args, **kwargs)
 
     return Slow
@@ -35,11 +35,16 @@ def _slowed(base):
 
 @pytest.fixture()
 def prefer(monkeypatch):
-    """prefer(name): the probe finds `name` faster (the other engine is slowed down in the probe only; the engine
-    that runs afterwards is the real one, from ENGINES). Returns the slowed class (it counts its calls)."""
+    """prefer(name): the probe finds `name` faster. The other engine is slowed down in the probe only, on the probe's
+    clock (real time plus a minute per call of the slowed engine: no sleeping, so a loaded machine cannot turn the
+    choice around); the engine that runs afterwards is the real one, from ENGINES. Returns the slowed class (it
+    counts its calls)."""
+    clock = SimpleNamespace(extra=0.0)
+    monkeypatch.setattr(grads, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock.extra))
+
     def make(name):
         real = {"loop": LoopEngine, "factored": FactoredEngine}
-        slow = _slowed(real["factored" if name == "loop" else "loop"])
+        slow = _slowed(real["factored" if name == "loop" else "loop"], clock)
         for engine, cls in real.items():
             monkeypatch.setattr(grads, cls.__name__, cls if engine == name else slow)
         return slow
