@@ -61,7 +61,7 @@ from .config import (
     without_defaults,
 )
 from .errors import DualSelectError
-from .logs import write_atomic
+from .logs import read_jsonl, write_atomic
 from .runinfo import read_run_info
 from .tune import TuneConfig, tune_stage
 from .tune import markdown as tune_markdown
@@ -297,15 +297,18 @@ def run_cell(cell: Cell, cfg, bench: BenchConfig | None = None) -> dict:
     t0 = time.time()
     train_dir = cell.path / "train"
     trained = (train_dir / "adapter" / "adapter_config.json").exists()
+    start = None  # the step this process's training began at; None: training had finished before
     if not trained:
         started = (train_dir / "config.yaml").exists()
         if train_dir.exists() and not started:
             shutil.rmtree(train_dir)
-        train(cfg, resume=started)
+        start = train(cfg, resume=started).start_step
     t1 = time.time()
     evaluate(cfg)
     done = {"cell": cell.name, "labels": cell.labels, "method": cell.method, "train_seconds": round(t1 - t0, 1),
-            "eval_seconds": round(time.time() - t1, 1), "resumed_training": trained}
+            "eval_seconds": round(time.time() - t1, 1),
+            "resumed_training": trained,  # historical name: training had finished before, this process only evaluated
+            "resumed_from_step": start, "earlier_steps_seconds": round(step_seconds(train_dir, start), 1)}
     if sha := aligned_sha(Path(cfg.model.name_or_path)):  # which aligned weights the cell started from
         done["aligned_sha256"] = sha
     write_atomic(cell.path / DONE, json.dumps(done, indent=2) + "\n")
@@ -608,10 +611,21 @@ def _axis_labels(bench: BenchConfig, axis: str) -> list[str]:
     return [] if values is None else [label for label, _ in _axis_values(axis, values)]
 
 
+def step_seconds(train_dir: Path, before: int | None) -> float:
+    """The summed time of a training run's steps before step `before` (all of them when None), from its
+    metrics.jsonl: for a cell resumed after a kill, the training its earlier processes did (their setup and
+    checkpoint writes left out)."""
+    if before == 0:
+        return 0.0
+    return sum(r.get("seconds") or 0.0 for r in read_jsonl(train_dir / "metrics.jsonl")
+               if before is None or r["step"] < before)
+
+
 def seconds_of(path: Path) -> float:
-    """A finished unit's train + eval seconds, from its done.json."""
+    """A finished unit's train + eval seconds, from its done.json: its last process's, plus the steps its
+    earlier processes ran when it was resumed after a kill (earlier_steps_seconds; absent before 2026-12-07)."""
     d = json.loads(path.read_text())
-    return d["train_seconds"] + d["eval_seconds"]
+    return d["train_seconds"] + d["eval_seconds"] + d.get("earlier_steps_seconds", 0.0)
 
 
 def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:

@@ -51,6 +51,7 @@ class TrainResult:
     final_loss: float | None
     seconds: float
     peak_rss_mb: float
+    start_step: int = 0  # the checkpoint step a resumed run continued from (0: trained from the start)
 
 
 def seed_everything(seed: int) -> None:
@@ -373,7 +374,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, on_step, t0: float, comm
         _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(tmp))
         record_budget(run_dir, read_jsonl(run_dir / "metrics.jsonl"))
     comm.barrier()  # the run dir is complete when train() returns, in every process
-    result = TrainResult(run_dir, adapter_dir, len(plan), last_loss, time.time() - t0, peak_rss_mb())
+    result = TrainResult(run_dir, adapter_dir, len(plan), last_loss, time.time() - t0, peak_rss_mb(), start)
     log.info("done: %d steps in %.1f s, peak RSS %.0f MB; adapter at %s", len(plan), result.seconds,
              result.peak_rss_mb, adapter_dir)
     return result

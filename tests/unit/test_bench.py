@@ -174,6 +174,45 @@ def test_bench_runs_resumes_and_reports(tiny_link, monkeypatch):
     assert _snapshot(out) == before
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_cell_resumed_mid_training_counts_the_steps_of_its_killed_process(tiny_link, monkeypatch):
+    """A cell killed mid-training and resumed records the checkpoint step it went on from and the time its
+    killed process spent on the steps before it (from metrics.jsonl), and its seconds count them: a resumed
+    cell's train_seconds alone is only its last process's."""
+    from dualselect import train as train_mod
+
+    grid = "\n    method:\n      sft: [train.method=sft]\n      dualselect: [train.method=dualselect]\n    train.seed: [0]"
+    path, sft = bench_yaml(tiny_link, grid=grid), {"method": ["sft"]}
+    cell = tiny_link / "out" / "cells" / "sft__seed-0"
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(run_dir, step, *a, **k):
+        real_save(run_dir, step, *a, **k)
+        if step == 3:
+            raise _Killed
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        bench.run_bench(path, quiet=True, only=sft)
+    killed = [json.loads(x) for x in (cell / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in killed] == [0, 1, 2] and not (cell / "done.json").exists()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    bench.run_bench(path, quiet=True, only=sft)
+    done = json.loads((cell / "done.json").read_text())
+    assert done["resumed_from_step"] == 3
+    assert done["earlier_steps_seconds"] == pytest.approx(sum(r["seconds"] for r in killed), abs=0.05)
+    assert done["earlier_steps_seconds"] > 0
+    assert bench.seconds_of(cell / "done.json") == pytest.approx(
+        done["train_seconds"] + done["eval_seconds"] + done["earlier_steps_seconds"])
+    # a cell trained in one process counts nothing more
+    bench.run_bench(bench_yaml(tiny_link, out="fresh", grid=grid), quiet=True, only=sft)
+    done = json.loads((tiny_link / "fresh" / "cells" / "sft__seed-0" / "done.json").read_text())
+    assert (done["resumed_from_step"], done["earlier_steps_seconds"]) == (0, 0)
+
+
 def test_harmful_score_vs_ratio_points_are_the_reports_refusal_rates(monkeypatch):
     def cell(ratio, method):
         return bench.Cell({"method": method, "data.harmful_ratio": ratio, "train.seed": "0"}, [], Path(f"{method}{ratio}"))
@@ -270,6 +309,12 @@ def test_sigkill_mid_training_and_mid_eval_then_resume(tiny_link):
     kept = (second / "eval" / "samples.jsonl").read_bytes()
     assert subprocess.run(cmd, env=one_thread, capture_output=True).returncode == 0
     assert _snapshot(out) | before == _snapshot(out)
+    # training had finished before the kill in eval: every step's time was spent by an earlier process
+    done = json.loads((second / "done.json").read_text())
+    steps = [json.loads(x) for x in (second / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert done["resumed_from_step"] is None and done["train_seconds"] < 5
+    assert done["earlier_steps_seconds"] == pytest.approx(sum(r["seconds"] for r in steps), abs=0.05)
+    assert done["earlier_steps_seconds"] > 0
     assert (second / "eval" / "samples.jsonl").read_bytes().startswith(kept.rsplit(b"\n", 1)[0])
     assert "resumed from" in (second / "train" / "train.log").read_text()
     for cell in ("sft__seed-0", "dualselect__seed-0"):
