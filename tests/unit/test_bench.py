@@ -213,6 +213,14 @@ def test_a_cell_resumed_mid_training_counts_the_steps_of_its_killed_process(tiny
     assert (done["resumed_from_step"], done["earlier_steps_seconds"]) == (0, 0)
 
 
+def test_step_seconds_counts_only_the_steps_before_the_resume(tmp_path):
+    """Hand-computed: steps of 1, 2, 4 and 8 s; resumed at step 2 the killed process ran steps 0-1 (3 s)."""
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": i, "seconds": float(2 ** i)} for i in range(4)])
+    assert bench.step_seconds(tmp_path, 2) == 3.0
+    assert bench.step_seconds(tmp_path, None) == 15.0  # training had finished before: every step
+    assert bench.step_seconds(tmp_path, 0) == 0.0
+
+
 def test_harmful_score_vs_ratio_points_are_the_reports_refusal_rates(monkeypatch):
     def cell(ratio, method):
         return bench.Cell({"method": method, "data.harmful_ratio": ratio, "train.seed": "0"}, [], Path(f"{method}{ratio}"))
