@@ -523,6 +523,10 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
     baselines = _baseline_cells(bench, cells)
     order = {c.name: i for i, c in enumerate(cells)}  # a {baseline} cell needs its baseline trained before its eval
     grid_cells, cells = cells, select_cells(cells, only or {})
+    methods = _axis_labels(bench, METHOD_AXIS)
+    if bench.baseline and methods and bench.baseline not in methods:
+        raise DualSelectError(f"{label}: bench.baseline {bench.baseline!r} is not a label of the method axis "
+                              f"({', '.join(methods)})")
     out = Path(bench.output_dir)
     if bench.archive:
         bench_archive.restore(Path(bench.archive), out)
@@ -583,7 +587,15 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
         durations.append(done["train_seconds"] + done["eval_seconds"])
         bar.update(1)
     bar.close()
-    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes)
+    baseline = baseline_of(bench, grid_cells)
+    if len(cells) < len(grid_cells) and not any(c.labels.get(METHOD_AXIS, "") == baseline for c in cells):
+        text = (f"{len(cells)} of the grid's {len(grid_cells)} cells selected, all done; no report: --only leaves "
+                f"out the baseline method {baseline!r}, which every difference is measured against. Run without "
+                "--only method for the table (finished cells are not recomputed).\n")
+        return {"tables": {}, "markdown": text, "path": None, "html": None,
+                "cells": [json.loads((c.path / DONE).read_text()) for c in cells]}
+    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes, baseline,
+                              partial=len(cells) < len(grid_cells))
 
 
 def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_overrides: list[str],
@@ -637,13 +649,13 @@ def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:
 
 
 def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report,
-                       tuning: dict | None = None, notes: list[str] = ()) -> dict:
+                       tuning: dict | None, notes: list[str], baseline: str, partial: bool) -> dict:
     """One `dualselect report` per table (OUTPUT_DIR/report/<table>/), and OUTPUT_DIR/report.md and report.html
-    holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio)."""
+    holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio). The report
+    of the whole grid goes to the archive too; that of a `partial` one (--only) stays in OUTPUT_DIR."""
     from .eval import figures
 
     out = Path(bench.output_dir)
-    baseline = baseline_of(bench, cells)
     tables, written = tables_of(cells), {}
     for key, members in tables.items():
         runs: dict[str, list[Path]] = {}
@@ -652,7 +664,8 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
         for c in members:
             runs.setdefault(c.method, []).append(c.path / "eval")
         if baseline not in runs:
-            raise DualSelectError(f"bench.baseline {baseline!r} is not a method of the grid ({', '.join(runs)})")
+            raise DualSelectError(f"table {key}: no cell of the baseline method {baseline!r} (bench.baseline) "
+                                  f"to compare with ({', '.join(runs)})")
         rep = report.compare(runs, baseline=baseline, resamples=bench.resamples, permutations=bench.permutations)
         written[key] = report.write_report(rep, out / "report" / _slug(key), *(bench.plot or (None, None)))
     minutes = sum(seconds_of(c.path / DONE) for c in cells) / 60
@@ -679,7 +692,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
     html = figures.html_page(f"Bench {out}", page)
     write_atomic(out / "report.html", html)
     write_atomic(out / "report.md", text)
-    if bench.archive:  # the report (of the cells this run holds) goes with the archived cells, to be committed
+    if bench.archive and not partial:  # the whole grid's report goes with the archived cells, to be committed
         dest = Path(bench.archive) / "report"
         for f in sorted(p for p in (out / "report").rglob("*") if p.is_file()):
             write_atomic(dest / f.relative_to(out / "report"), f.read_bytes())

@@ -243,7 +243,8 @@ def cmd_bench(argv: list[str]) -> int:
         return 0
     result = bench.run_bench(args.config, args.overrides, quiet=args.quiet, only=only)
     print(result["markdown"], end="" if result["markdown"].endswith("\n") else "\n")
-    print(f"report: {result['path']}")
+    if result["path"] is not None:
+        print(f"report: {result['path']}")
     return 0
 
 
