@@ -594,8 +594,9 @@ def run_bench(path: str | Path, overrides: list[str] = (), quiet: bool = False,
                 "--only method for the table (finished cells are not recomputed).\n")
         return {"tables": {}, "markdown": text, "path": None, "html": None,
                 "cells": [json.loads((c.path / DONE).read_text()) for c in cells]}
-    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes, baseline,
-                              partial=len(cells) < len(grid_cells))
+    whole = tables_of(grid_cells)  # a table some of whose cells --only leaves out is partial
+    partial = any(len(members) < len(whole[key]) for key, members in tables_of(cells).items())
+    return write_bench_report(bench, cells, configs, aligned, report, tuned.get("record"), notes, baseline, partial)
 
 
 def _tune(bench: BenchConfig, cells: list[Cell], base: dict, label: str, base_overrides: list[str],
@@ -651,8 +652,9 @@ def tables_of(cells: list[Cell]) -> dict[str, list[Cell]]:
 def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, aligned: Path | None, report,
                        tuning: dict | None, notes: list[str], baseline: str, partial: bool) -> dict:
     """One `dualselect report` per table (OUTPUT_DIR/report/<table>/), and OUTPUT_DIR/report.md and report.html
-    holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio). The report
-    of the whole grid goes to the archive too; that of a `partial` one (--only) stays in OUTPUT_DIR."""
+    holding them all (with the tuning record and, over a harmful-ratio axis, harmful score vs ratio). A report
+    whose tables hold all their cells goes to the archive too; a `partial` one (--only method or seed) stays in
+    OUTPUT_DIR."""
     from .eval import figures
 
     out = Path(bench.output_dir)
@@ -692,7 +694,7 @@ def write_bench_report(bench: BenchConfig, cells: list[Cell], configs: dict, ali
     html = figures.html_page(f"Bench {out}", page)
     write_atomic(out / "report.html", html)
     write_atomic(out / "report.md", text)
-    if bench.archive and not partial:  # the whole grid's report goes with the archived cells, to be committed
+    if bench.archive and not partial:  # complete tables go with the archived cells, to be committed
         dest = Path(bench.archive) / "report"
         for f in sorted(p for p in (out / "report").rglob("*") if p.is_file()):
             write_atomic(dest / f.relative_to(out / "report"), f.read_bytes())

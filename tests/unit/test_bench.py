@@ -517,30 +517,33 @@ def test_only_one_method_keeps_the_other_methods_sections(tiny_link):
 
 def test_only_without_the_baseline_runs_its_cells_and_says_why_there_is_no_report(tiny_link, capsys):
     """--only method=X without the baseline method: the cells run and are archived, no report is written (there
-    is nothing to measure differences against) and the run says so and succeeds. A partial run that holds the
-    baseline reports its cells in the output dir only: the archive's report is the whole grid's. A
-    bench.baseline that is no method label is refused before any cell."""
-    grid = "\n    method:\n      sft: [train.method=sft]\n      random: [train.method=random]\n    train.seed: [0]"
+    is nothing to measure differences against) and the run says so and succeeds. A run that leaves out some
+    cells of a table reports them in the output dir only; one whose tables are whole (--only on another axis)
+    archives its report. A bench.baseline that is no method label is refused before any cell."""
+    grid = ("\n    method:\n      sft: [train.method=sft]\n      random: [train.method=random]"
+            "\n    data.harmful_ratio: [0.0, 0.2]\n    train.seed: [0]")
     path = bench_yaml(tiny_link, grid=grid, extra="random: {warmup_steps: 0, k_task: 1}")
     text = path.read_text().replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}", "")
     text = text.replace("  resamples: 200", f"  archive: {tiny_link / 'arch'}\n  baseline: sft\n  resamples: 200")
     path.write_text(text)
     out, arch = tiny_link / "out", tiny_link / "arch"
-    assert main(["bench", str(path), "--quiet", "--only", "method=random"]) == 0
+    ratio = ["--only", "data.harmful_ratio=0.0"]
+    assert main(["bench", str(path), "--quiet", "--only", "method=random", *ratio]) == 0
     printed = capsys.readouterr().out
-    assert "1 of the grid's 2 cells selected, all done; no report: --only leaves out the baseline method 'sft'" \
+    assert "1 of the grid's 4 cells selected, all done; no report: --only leaves out the baseline method 'sft'" \
         in printed and not printed.startswith("report:") and "\nreport:" not in printed
-    assert (arch / "cells" / "random__seed-0" / "done.json").exists()
+    assert (arch / "cells" / "random__harmful_ratio-0.0__seed-0" / "done.json").exists()
     assert not (out / "report.md").exists() and not (arch / "report").exists()
-    assert main(["bench", str(path), "--quiet", "--only", "method=sft"]) == 0
+    assert main(["bench", str(path), "--quiet", "--only", "method=sft", *ratio]) == 0
     assert (out / "report.md").exists() and "\nreport: " in capsys.readouterr().out
-    assert not (arch / "report").exists()  # a partial report stays out of the archive
+    assert not (arch / "report").exists()  # a table without its random cell: not the archive's report
     first = (out / "report.md").read_text()
-    assert main(["bench", str(path), "--quiet"]) == 0  # the whole grid: both cells done, reported, archived
+    assert main(["bench", str(path), "--quiet", *ratio]) == 0  # the p = 0.0 table whole: both cells done, reported
     whole = (out / "report.md").read_text()
     assert whole != first and "random" in whole and (arch / "report" / "report.md").read_text() == whole
+    assert not (out / "cells" / "sft__harmful_ratio-0.2__seed-0").exists()
     path.write_text(text.replace("baseline: sft", "baseline: sftt"))
-    assert main(["bench", str(path), "--quiet", "--only", "method=random"]) == 2
+    assert main(["bench", str(path), "--quiet", "--only", "method=random", *ratio]) == 2
     assert "bench.baseline 'sftt' is not a label of the method axis (sft, random)" in capsys.readouterr().err
 
 
