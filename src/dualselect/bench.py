@@ -75,8 +75,10 @@ ALIGN_INFO = "dualselect-alignment.json"  # in the merged aligned model's dir: i
 ALIGNED = "aligned"  # the report row of the aligned model (and its directory)
 ALIGN_DATA = "{align_data}"  # in a cell's overrides: the alignment stage's data file (e.g. Lisa's data.reference)
 BASELINE = "{baseline}"  # as eval.baseline: the adapter of the baseline method's cell with the same other labels
-# keys that may differ between a cell's first start and its resumption
-VOLATILE = {"train.quiet", "eval.quiet", "train.max_steps", "train.checkpoint_every", "train.log_every"}
+# keys that may differ between a cell's first start and its resumption: they change no result (seal.selector_cache:
+# the reused stage is the recomputed one bit for bit, tests/unit/test_method_seal.py)
+VOLATILE = {"train.quiet", "eval.quiet", "train.max_steps", "train.checkpoint_every", "train.log_every",
+            "seal.selector_cache"}
 
 
 @dataclass

@@ -246,6 +246,24 @@ def test_harmful_score_vs_ratio_points_are_the_reports_refusal_rates(monkeypatch
     assert bench.harmful_vs_ratio(no_ratio, bench.tables_of(no_ratio), {"all": {}}) == []
 
 
+def test_a_selector_cache_added_to_a_finished_seal_cell_changes_nothing(tiny_link):
+    """seal.selector_cache is volatile (the reused stage is the recomputed one bit for bit): a recipe that adds
+    it keeps its finished cells; a setting of the stage itself is still refused."""
+    def recipe(seal: str) -> Path:
+        path = bench_yaml(tiny_link, grid="\n    method:\n      seal: [train.method=seal]\n    train.seed: [0]",
+                          extra=f"seal: {seal}")
+        path.write_text(path.read_text().replace("dualselect: {warmup_steps: 1, k_task: 1, k_ref: 2}\n", ""))
+        return path
+
+    bench.run_bench(recipe("{selector_epochs: 1}"), quiet=True)
+    done = tiny_link / "out" / "cells" / "seal__seed-0" / "done.json"
+    before = done.read_text()
+    bench.run_bench(recipe(f"{{selector_epochs: 1, selector_cache: {tiny_link}/c}}"), quiet=True)
+    assert done.read_text() == before
+    with pytest.raises(DualSelectError, match="started with another config"):
+        bench.run_bench(recipe("{selector_epochs: 2}"), quiet=True)
+
+
 def test_changed_config_of_a_started_cell_is_refused(tiny_link):
     path = bench_yaml(tiny_link, grid="\n    method:\n      sft: [train.method=sft]\n      dualselect: "
                                       "[train.method=dualselect]\n    train.seed: [0]")
@@ -545,6 +563,9 @@ def test_only_without_the_baseline_runs_its_cells_and_says_why_there_is_no_repor
     path.write_text(text.replace("baseline: sft", "baseline: sftt"))
     assert main(["bench", str(path), "--quiet", "--only", "method=random", *ratio]) == 2
     assert "bench.baseline 'sftt' is not a label of the method axis (sft, random)" in capsys.readouterr().err
+    path.write_text(text.replace("  baseline: sft\n", ""))  # unset: sft of the whole grid, not of the filtered cells
+    assert main(["bench", str(path), "--quiet", "--only", "method=random", *ratio]) == 0
+    assert "no report: --only leaves out the baseline method 'sft'" in capsys.readouterr().out
 
 
 def test_the_alignment_key_does_not_change_when_an_option_is_added_at_its_default(monkeypatch):

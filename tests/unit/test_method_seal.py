@@ -205,6 +205,59 @@ def test_resumed_run_ends_with_the_same_adapter(drop_scores, tiny_model_dir, toy
         json.loads((resumed.run_dir / SCORES_FILE).read_text())["logits"]
 
 
+# -- the selector cache ------------------------------------------------------------------------------------
+
+def test_selector_cache_serves_another_keep_and_only_the_same_inputs(tiny_model_dir, toy_data, smol_tokenizer,
+                                                                      tmp_path, monkeypatch):
+    """A run that differs only in keep loads the stage another run filed (and ends bit for bit where a run that
+    recomputes it ends); another seed, another selector setting or other base weights recompute."""
+    from dualselect.models import tiny_llama
+
+    task, refs = toy_data
+    calls = []
+    stage = SEAL.selector_stage
+    monkeypatch.setattr(SEAL, "selector_stage", lambda self: (calls.append(1), stage(self))[1])
+    cache = tmp_path / "cache"
+    common = ["train.epochs=1", "seal.selector_epochs=2", "model.lora_dropout=0.1"]
+    run = lambda name, *extra, model=tiny_model_dir: train(  # noqa: E731
+        _cfg(model, task, refs, tmp_path / name, *common, *extra))
+
+    run("a", "seal.keep=0.55", f"seal.selector_cache={cache}")
+    assert len(calls) == 1 and len(list(cache.iterdir())) == 1
+    b = run("b", "seal.keep=0.8", f"seal.selector_cache={cache}")
+    assert len(calls) == 1  # loaded, not recomputed
+    filed = next(cache.iterdir())
+    assert json.loads((b.run_dir / SCORES_FILE).read_text())["cached_from"] == str(filed)
+    fresh = run("fresh", "seal.keep=0.8")  # no cache: computes the stage itself
+    assert len(calls) == 2
+    x, y = _adapter(b.run_dir), _adapter(fresh.run_dir)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    logs = [[json.loads(r) for r in (d / "selection.jsonl").read_text().splitlines()] for d in (b.run_dir,
+                                                                                             fresh.run_dir)]
+    assert logs[0][0].pop("cached_from") == str(filed) and logs[1][0].pop("cached_from") is None
+    assert logs[0] == logs[1]
+
+    other_model = tmp_path / "other-model"
+    tiny_llama(len(smol_tokenizer), seed=1).save_pretrained(other_model)
+    smol_tokenizer.save_pretrained(other_model)
+    for i, extra in enumerate([["train.seed=4"], ["seal.lower_lr=1e-3"], []], start=1):
+        model = other_model if not extra else tiny_model_dir
+        run(f"miss{i}", "seal.keep=0.8", f"seal.selector_cache={cache}", *extra, model=model)
+        assert len(calls) == 2 + i, extra or "other base weights"
+    assert len(list(cache.iterdir())) == 4
+
+
+def test_a_broken_cache_file_is_a_clear_error(tiny_model_dir, toy_data, tmp_path):
+    task, refs = toy_data
+    cache = tmp_path / "cache"
+    common = ["train.epochs=1", "seal.selector_epochs=1", f"seal.selector_cache={cache}"]
+    train(_cfg(tiny_model_dir, task, refs, tmp_path / "a", *common))
+    filed = next(cache.iterdir())
+    filed.write_text(filed.read_text()[:100])
+    with pytest.raises(DualSelectError, match=f"{filed.name} is not a readable selector file"):
+        train(_cfg(tiny_model_dir, task, refs, tmp_path / "b", *common))
+
+
 # -- config and input errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [

@@ -51,6 +51,13 @@ to the selection log (kind "selector"). On resume (ctx.resuming) plan() reloads 
 recomputing when the fingerprint matches; otherwise it
 recomputes (deterministic on CPU). state_dict() holds the logits and kept positions and load_state_dict()
 checks them against the plan in use.
+
+Reuse across runs (seal.selector_cache, off by default): the stage does not depend on keep, so runs that differ
+only in keep (a tuning sweep, and the cell that runs the chosen keep with the tuning seed) compute the same
+logits. With a cache directory set, a finished stage is filed there under a hash of everything it depends on
+(cache_key: this section but keep, seed, batch size, data, every model weight, device, autocast precision),
+and a later run with the same hash loads it instead of recomputing; the run's scores file and selection log
+name the file it came from (cached_from), and its train time is then the SFT stage's only.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from ..grads import batch_losses
 from ..logs import write_atomic
 from ..schedule import PlannedStep, batch_plan
 from ..selection.seal import ACTIVATIONS, keep_top, penalty_schedule, selector_loss, selector_weights
+from ..errors import DualSelectError
 from . import register
 from .sft import supervised_step
 from .context import TrainContext
@@ -95,6 +103,11 @@ class SEALConfig:
     activation: Literal["softmax", "sigmoid"] = _opt(
         "softmax", "sample weights from logits: softmax (n * softmax over the task set) or sigmoid (2 * sigmoid)")
     max_grad_norm: float = _opt(1.0, "clip the proxy-LoRA and the selector gradient norms during selection")
+    selector_cache: str | None = _opt(
+        None, "directory of finished selector stages, each filed under a hash of everything it depends on (this "
+              "section but keep, seed, batch size, data, all model weights, device, precision): a run whose "
+              "stage is there reuses it instead of recomputing, e.g. a sweep over keep or its seed-0 cell "
+              "(null: off)")
 
     def __post_init__(self):
         if self.selector_epochs < 1:
@@ -144,6 +157,52 @@ class SEAL:
         for p in c.params:
             h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()
+
+    def cache_key(self) -> str:
+        """What the selector stage's result depends on, for selector_cache: fingerprint()'s inputs without keep
+        (it only cuts the ranking) plus the base model's weights and config, the device and the autocast
+        precision. The stage is deterministic given these (on a CPU; see the module docstring)."""
+        c, h = self.ctx, hashlib.sha256()
+        stage_cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("keep", "selector_cache")}
+        device = torch.device(c.device)
+        with c.autocast():
+            amp = [torch.is_autocast_enabled(device.type), str(torch.get_autocast_dtype(device.type))]
+        model_config = getattr(c.model, "config", None)
+        h.update(json.dumps({"cfg": stage_cfg, "seed": c.seed, "batch_size": c.batch_size, "device": str(device),
+                             "autocast": amp, "model_config": model_config.to_json_string()
+                             if model_config is not None else None}, sort_keys=True).encode())
+        for part in (c.task, c.reference):
+            for e in part:
+                h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+        for name, p in c.model.named_parameters():  # base weights and the LoRA init
+            h.update(name.encode())
+            h.update(str(p.dtype).encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, as stored
+        return h.hexdigest()
+
+    def _load_cached(self, key: str) -> tuple[dict, Path] | None:
+        if not self.cfg.selector_cache:
+            return None
+        path = Path(self.cfg.selector_cache) / f"seal-selector-{key[:32]}.json"
+        if not path.exists():
+            return None
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DualSelectError(f"seal.selector_cache: {path} is not a readable selector file ({e}); remove "
+                                  "it to recompute") from None
+        if cached.get("key") != key or cached.get("ids") != [e.id for e in self.ctx.task]:
+            return None
+        return cached["result"], path
+
+    def _save_cached(self, key: str, result: dict) -> None:
+        if not self.cfg.selector_cache:
+            return
+        directory = Path(self.cfg.selector_cache)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / f"seal-selector-{key[:32]}.json", json.dumps(
+            {"key": key, "ids": [e.id for e in self.ctx.task], "result": result,
+             "written_by": str(self._run_dir()) if self._run_dir() else None}))
 
     def _load_saved(self, fingerprint: str) -> dict | None:
         run_dir = self._run_dir()
@@ -236,15 +295,26 @@ class SEAL:
         c, cfg = self.ctx, self.cfg
         fingerprint = self.fingerprint()
         saved = self._load_saved(fingerprint)
+        cached_from = None
         if saved is not None:
-            result = {k: v for k, v in saved.items() if k not in ("fingerprint", "ids", "kept", "kept_ids")}
+            result = {k: v for k, v in saved.items()
+                      if k not in ("fingerprint", "ids", "kept", "kept_ids", "keep", "n_task", "cached_from")}
+            cached_from = saved.get("cached_from")
         else:
-            result = self.selector_stage()
+            key = self.cache_key() if cfg.selector_cache else None
+            hit = self._load_cached(key) if key else None
+            if hit is not None:
+                result, path = hit
+                cached_from = str(path)
+            else:
+                result = self.selector_stage()
+                if key:
+                    self._save_cached(key, result)
         self.logits = torch.tensor(result["logits"], dtype=torch.float32)
         self.kept = sorted(keep_top(self.logits, cfg.keep))
         self.record = {"ids": [e.id for e in c.task], **result, "kept": self.kept,
                        "kept_ids": [c.task[i].id for i in self.kept], "keep": cfg.keep, "n_task": len(c.task),
-                       "reused": saved is not None}
+                       "cached_from": cached_from, "reused": saved is not None}
         run_dir = self._run_dir()
         if run_dir is not None and saved is None:
             out = {"fingerprint": fingerprint, **{k: v for k, v in self.record.items() if k != "reused"}}
