@@ -18,6 +18,7 @@ a run whose aligned model is not among them says so.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -34,6 +35,7 @@ log = logging.getLogger("dualselect")
 
 DONE = "done.json"
 ALIGNED_FILE = "aligned.json"
+LOCK = ".restore.lock"  # in the output dir: restores take turns
 # relative path in a unit -> gzipped in the archive
 KEPT = {"cell.yaml": False, DONE: False, "train/config.yaml": False, "train/run_info.json": False,
         "train/metrics.jsonl": True, "train/selection.jsonl": True, "eval/settings.json": False,
@@ -94,43 +96,37 @@ def _remove_stale(dest: Path) -> None:
 
 def restore(archive: Path, out_dir: Path) -> list[Path]:
     """Copy every archived unit that out_dir lacks (no done.json / results.json there) into out_dir, the gzipped
-    files unpacked; a unit out_dir started but did not finish is replaced. Each unit is unpacked beside its place
-    and renamed into it whole, so processes that restore the same archive at once (one per core) never see, or
-    delete, one another's half-restored unit; what a killed restore left beside a unit is removed by the next
-    one. Returns the restored unit dirs."""
+    files unpacked; a unit out_dir started but did not finish is replaced. Processes that restore the same archive
+    at once (one per core) take turns (a lock file in out_dir), so none sees, replaces or deletes another's
+    half-restored unit; each unit is unpacked beside its place and renamed into it whole, and what a killed
+    restore left beside a unit is removed by the next one. Returns the restored unit dirs."""
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_dir():
         return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     restored = []
-    for src in _units(archive):
-        rel = src.relative_to(archive)
-        dest = out_dir / rel
-        marker = DONE if (src / DONE).exists() else "results.json"
-        _remove_stale(dest)
-        if (dest / marker).exists():
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-{os.getpid()}-", dir=dest.parent))
-        try:
-            for f in sorted(p for p in src.rglob("*") if p.is_file()):
-                name = f.relative_to(src).as_posix()
-                gz = name.endswith(".gz")
-                target = tmp / (name[:-3] if gz else name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(gzip.decompress(f.read_bytes()) if gz else f.read_bytes())
-            if (dest / marker).exists():  # another process restored it meanwhile
+    with open(out_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
+        for src in _units(archive):
+            dest = out_dir / src.relative_to(archive)
+            _remove_stale(dest)
+            if (dest / (DONE if (src / DONE).exists() else "results.json")).exists():
                 continue
-            if dest.exists():
-                shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-{os.getpid()}-", dir=dest.parent))
             try:
+                for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                    name = f.relative_to(src).as_posix()
+                    gz = name.endswith(".gz")
+                    target = tmp / (name[:-3] if gz else name)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(gzip.decompress(f.read_bytes()) if gz else f.read_bytes())
+                if dest.exists():
+                    shutil.rmtree(dest)
                 os.rename(tmp, dest)
-            except OSError:
-                if not (dest / marker).exists():  # not another process's finished copy: a real failure
-                    raise
-                continue
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        restored.append(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            restored.append(dest)
     if restored:
         log.info("restored %d finished units from the archive %s", len(restored), archive)
     return restored

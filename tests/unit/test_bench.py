@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -735,7 +736,6 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
     """Two bench/continual processes (one per core) started on a fresh machine restore the same archive into the
     same output dir at once: neither may crash on, or delete, the other's half-restored unit."""
     import gzip
-    import threading
 
     arch, out = tmp_path / "arch", tmp_path / "out"
     for i in range(40):
@@ -746,8 +746,11 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
             (unit / name).write_text(f"{name} of {i}\n" * 2000)
         (unit / "eval" / "samples.jsonl.gz").write_bytes(gzip.compress(b'{"id": 1}\n' * 5000))
         (unit / "done.json").write_text(json.dumps({"cell": f"c{i}"}))
-    (out / "cells" / "c3" / "train").mkdir(parents=True)  # a unit this machine started and did not finish
     for attempt in range(3):
+        for i in (3, 17):  # units this machine started and did not finish: many files, so replacing one takes a while
+            (out / "cells" / f"c{i}" / "train").mkdir(parents=True)
+            for k in range(300):
+                (out / "cells" / f"c{i}" / "train" / f"step-{k}.json").write_text("{}")
         errors = []
 
         def restore():
@@ -769,6 +772,33 @@ def test_processes_restoring_one_archive_at_once_do_not_break_each_other(tmp_pat
             assert (unit / "eval" / "samples.jsonl").read_bytes() == b'{"id": 1}\n' * 5000
         assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # no temporary dir left
         shutil.rmtree(out)
+
+
+def test_a_restore_waits_for_another_process_restoring_and_goes_on_when_it_is_killed(tmp_path):
+    """Restores into one output dir take turns: while another process holds the restore lock, a restore does not
+    touch the output dir; once that process is killed (lock released by the kernel) it restores everything."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    for i in range(2):
+        (arch / "cells" / f"c{i}").mkdir(parents=True)
+        (arch / "cells" / f"c{i}" / "done.json").write_text("{}")
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(out / bench.bench_archive.LOCK)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        restored = []
+        waiter = threading.Thread(target=lambda: restored.extend(bench.bench_archive.restore(arch, out)))
+        waiter.start()
+        waiter.join(1.5)
+        assert waiter.is_alive() and not (out / "cells").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert sorted(p.name for p in restored) == ["c0", "c1"]
 
 
 def test_what_a_killed_restore_left_is_removed_by_the_next_one(tmp_path):

@@ -180,10 +180,11 @@ class SEAL:
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, as stored
         return h.hexdigest()
 
+    def _cache_path(self, key: str) -> Path:
+        return Path(self.cfg.selector_cache) / f"seal-selector-{key[:32]}.json"
+
     def _load_cached(self, key: str) -> tuple[dict, Path] | None:
-        if not self.cfg.selector_cache:
-            return None
-        path = Path(self.cfg.selector_cache) / f"seal-selector-{key[:32]}.json"
+        path = self._cache_path(key)
         if not path.exists():
             return None
         try:
@@ -196,11 +197,9 @@ class SEAL:
         return cached["result"], path
 
     def _save_cached(self, key: str, result: dict) -> None:
-        if not self.cfg.selector_cache:
-            return
-        directory = Path(self.cfg.selector_cache)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(directory / f"seal-selector-{key[:32]}.json", json.dumps(
+        path = self._cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(
             {"key": key, "ids": [e.id for e in self.ctx.task], "result": result,
              "written_by": str(self._run_dir()) if self._run_dir() else None}))
 
